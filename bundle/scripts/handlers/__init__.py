@@ -1,0 +1,13 @@
+from .checkpoint import RNGState, TrainingCheckpoint, latest_checkpoint
+from .distillation import DistillationSchedule
+from .metrics_log import MetricsLog
+from .report import SynthesisReport
+
+__all__ = [
+    "DistillationSchedule",
+    "MetricsLog",
+    "RNGState",
+    "SynthesisReport",
+    "TrainingCheckpoint",
+    "latest_checkpoint",
+]

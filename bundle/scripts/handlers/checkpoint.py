@@ -1,0 +1,147 @@
+"""Training state on disk: atomic checkpoints, resume from the latest, and RNG states."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import re
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.transforms import Randomizable
+
+
+def _numpy_state(state: tuple) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_tuple(state: dict) -> tuple:
+    return (
+        state["name"],
+        state["keys"].numpy().astype(np.uint32),
+        state["pos"],
+        state["has_gauss"],
+        state["cached"],
+    )
+
+
+class RNGState:
+    """Every random state a run depends on, as a state dict of tensors and numbers.
+
+    torch, numpy and Python's global generators, and the private RandomState of each random
+    transform in ``transforms`` (MONAI's Randomizable transforms own one each). Saved with the
+    checkpoint so that a resumed run draws the same patches as an uninterrupted one.
+    """
+
+    def __init__(self, transforms=None):
+        self.transforms = transforms
+
+    def _randomizables(self) -> list[Randomizable]:
+        chain = getattr(self.transforms, "transforms", self.transforms) or []
+        return [t for t in chain if isinstance(t, Randomizable)]
+
+    def state_dict(self) -> dict:
+        py = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state(np.random.get_state()),
+            "python": {"version": py[0], "state": list(py[1]), "gauss": py[2]},
+            "transforms": [_numpy_state(t.R.get_state()) for t in self._randomizables()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(_numpy_tuple(state["numpy"]))
+        random.setstate(
+            (state["python"]["version"], tuple(state["python"]["state"]), state["python"]["gauss"])
+        )
+        for t, s in zip(self._randomizables(), state["transforms"]):
+            t.R.set_state(_numpy_tuple(s))
+
+
+def latest_checkpoint(directory: str, prefix: str = "checkpoint") -> str | None:
+    """The checkpoint file with the highest epoch in ``directory``, or None."""
+    found = []
+    for path in glob.glob(os.path.join(directory, f"{prefix}_*.pt")):
+        m = re.search(r"_(\d+)\.pt$", path)
+        if m:
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+class TrainingCheckpoint:
+    """Save the training state every ``interval`` epochs and resume from the latest on start.
+
+    Files (written atomically: a killed run never leaves a half-written file):
+        ``<save_dir>/checkpoint_<epoch>.pt``: everything in ``save_dict`` (network, optimizer,
+            scheduler, trainer, RNG states), the last ``n_saved`` kept;
+        ``<save_dir>/model.pt``: the network's state dict alone, what inference loads; written
+            at each save and when training ends (also when a time limit stops it).
+
+    Loading uses ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        network: torch.nn.Module,
+        interval: int = 1,
+        n_saved: int = 1,
+        resume: bool = True,
+        name: str | None = None,
+    ):
+        self.save_dir, self.save_dict, self.network = save_dir, save_dict, network
+        self.interval, self.resume = max(int(interval), 1), resume
+        self.logger = logging.getLogger(name or __name__)
+        os.makedirs(save_dir, exist_ok=True)
+        self.saver = DiskSaver(save_dir, atomic=True, require_empty=False)
+        self.checkpoint = Checkpoint(
+            save_dict,
+            self.saver,
+            filename_prefix="",
+            n_saved=n_saved,
+            global_step_transform=lambda engine, _: engine.state.epoch,
+            filename_pattern="checkpoint_{global_step}.{ext}",
+        )
+
+    def _is_writer(self) -> bool:
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load_latest)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save_model)
+
+    def load_latest(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.save_dir) if self.resume else None
+        if path is None:
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=state)
+        self.logger.info(
+            f"resumed from {os.path.basename(path)}: epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        )
+
+    def save(self, engine: Engine) -> None:
+        if self._is_writer():
+            self.checkpoint(engine)
+        self.save_model(engine)
+
+    def save_model(self, engine: Engine) -> None:
+        if self._is_writer():
+            net = self.network.module if hasattr(self.network, "module") else self.network
+            self.saver(net.state_dict(), "model.pt")

@@ -1,0 +1,41 @@
+"""One JSON line per logged iteration: epoch, iteration, stage, gamma and every loss term."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ignite.engine import Engine, Events
+
+
+class MetricsLog:
+    """Append ``engine.state.output`` (a dict of floats) to a JSONL file every ``interval`` iterations.
+
+    Lines: {"epoch", "iteration", "stage", "gamma", <every loss term>}. Only rank 0 writes when
+    running distributed.
+    """
+
+    def __init__(self, path: str, interval: int = 1):
+        self.path, self.interval = path, max(int(interval), 1)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        output = (
+            engine.state.output if isinstance(engine.state.output, dict) else {"loss": engine.state.output}
+        )
+        record = {
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "stage": int(getattr(engine.state, "stage", 0)),
+            "gamma": float(getattr(engine.state, "gamma", 0.0)),
+        }
+        record.update({k: float(v) for k, v in output.items() if k != "loss"})
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

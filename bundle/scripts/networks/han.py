@@ -1,0 +1,70 @@
+"""G_c / G_s: coronal and sagittal pixel interpolation along z (HAN-style, Niu et al. 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import ChannelSpatialAttention, LayerAttention, ResidualGroup
+
+
+def linear_upsample_last(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Linear interpolation along the last axis onto the sub-pixel grid of ``factor`` x its length.
+
+    (..., Z) -> (..., factor * Z); output ``factor*k`` is input ``k``. The ``factor-1`` outputs
+    after the last input sample repeat it (they lie outside the covered range and are trimmed).
+    """
+    nxt = torch.cat([x[..., 1:], x[..., -1:]], dim=-1)
+    w = torch.arange(factor, dtype=x.dtype, device=x.device) / factor
+    out = x.unsqueeze(-1) * (1 - w) + nxt.unsqueeze(-1) * w
+    return out.flatten(-2)
+
+
+def subpixel_last(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """1-D sub-pixel shuffle along the last axis: (B, C*r, H, Z) -> (B, C, H, r*Z)."""
+    b, cr, h, z = x.shape
+    c = cr // factor
+    return x.reshape(b, c, factor, h, z).permute(0, 1, 3, 4, 2).reshape(b, c, h, z * factor)
+
+
+class HANInterpolator(nn.Module):
+    """Pixel interpolation of a 2-D plane along its last axis by an integer factor.
+
+    (N, 1, H, Z) -> (N, 1, H, r*Z): the body runs at the input resolution (residual groups of
+    channel-attention blocks, layer attention over the group outputs, channel-spatial attention),
+    a 1-D sub-pixel layer upsamples along Z only, and the network predicts a residual on linear
+    interpolation. Output ``r*k`` sits on input sample ``k``; callers keep the first
+    ``(Z-1)*r+1`` outputs (the rest extrapolate past the last sample).
+
+    Args:
+        factor: r, the up-sampling factor along Z.
+        width: feature channels.
+        groups: residual groups.
+        blocks: channel-attention blocks per group.
+        reduction: channel-attention squeeze ratio.
+    """
+
+    def __init__(self, factor: int, width: int = 32, groups: int = 2, blocks: int = 2, reduction: int = 8):
+        super().__init__()
+        self.factor = factor
+        self.head = nn.Conv2d(1, width, 3, padding=1)
+        self.groups = nn.ModuleList([ResidualGroup(width, blocks, reduction) for _ in range(groups)])
+        self.layer_attention = LayerAttention(width, groups)
+        self.csam = ChannelSpatialAttention(width)
+        self.body_tail = nn.Conv2d(width, width, 3, padding=1)
+        self.upsample = nn.Conv2d(width, width * factor, 3, padding=1)
+        self.tail = nn.Conv2d(width, 1, 3, padding=1)
+        # start as linear interpolation: the residual branch begins at zero
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.head(x)
+        feats, outs = head, []
+        for group in self.groups:
+            feats = group(feats)
+            outs.append(feats)
+        body = self.layer_attention(torch.stack(outs, dim=1)) + self.csam(outs[-1])
+        body = self.body_tail(body) + head
+        residual = self.tail(torch.relu(subpixel_last(self.upsample(body), self.factor)))
+        return linear_upsample_last(x, self.factor) + residual

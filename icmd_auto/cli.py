@@ -1,0 +1,183 @@
+"""The `icmd_auto` command (python-fire over api.py).
+
+Errors the user can fix print one line and exit 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import warnings
+
+import fire
+
+# MONAI announces an optional GPU DICOM decoder it cannot find on every DICOM read; it falls
+# back to pydicom's own decoders, which is what we use. Keep the user's terminal for our output.
+warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+from . import __version__, api  # noqa: E402
+from .errors import ICMDError
+
+logger = logging.getLogger("icmd_auto")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+
+
+def plan(
+    dataset: str,
+    work: str,
+    factor: int | None = None,
+    target_spacing_z: float | None = None,
+    slice_profile: str | None = None,
+    preset: str | None = None,
+    time_budget_min: float | None = None,
+    memory_gb: float | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+):
+    """Check a dataset.json, fingerprint it, plan the experiment and generate WORK/bundle."""
+    plans = api.plan(
+        dataset,
+        work,
+        factor=factor,
+        target_spacing_z=target_spacing_z,
+        slice_profile=slice_profile,
+        preset=preset,
+        time_budget_min=time_budget_min,
+        memory_gb=memory_gb,
+        epochs=epochs,
+        seed=seed,
+    )
+    t = plans["training"]["value"]
+    print(f"plan: factor {plans['factor']['value']} ({plans['factor']['reason']})")
+    print(
+        f"      preset {plans['preset']['value']}, patch {plans['patch_size']['value']} x batch "
+        f"{plans['batch_size']['value']}, {t['epochs']} epochs x {t['iterations_per_epoch']} iterations"
+    )
+    print(
+        f"wrote {os.path.join(work, 'fingerprint.json')}, {os.path.join(work, 'plans.json')}, "
+        f"{os.path.join(work, 'bundle')}/"
+    )
+
+
+def train(work: str, restart: bool = False, **overrides):
+    """Train WORK/bundle (resumes from the last checkpoint; --restart starts over). Extra --key value pairs override config keys, e.g. --icmd#gamma 0.5."""
+    summary = api.train(work, restart=restart, quiet=_QUIET, **overrides)
+    last = summary.get("last", {})
+    terms = ", ".join(
+        f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "iteration", "stage", "gamma")
+    )
+    print(
+        f"trained in {summary['seconds']:.0f} s: epoch {last.get('epoch', '?')}, stage {last.get('stage', '?')}"
+        + (f", {terms}" if terms else "")
+        + f"\nmodel: {summary['model']}"
+    )
+
+
+def predict(work: str, input: str, output: str, overwrite: bool = False, **overrides):
+    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz)."""
+    out = api.predict(work, input, output, overwrite=overwrite, quiet=_QUIET, **overrides)
+    print(f"wrote {out}")
+
+
+def evaluate(work: str, dataset: str, out: str | None = None, **overrides):
+    """Simulated-thick evaluation on the thin test images of DATASET: PSNR (all / synthesized) and SSIM_a/c/s vs interpolation."""
+    report = api.evaluate(work, dataset, out=out, quiet=_QUIET, **overrides)
+    print(format_report(report))
+
+
+def export(work: str, out: str, torchscript: bool = False):
+    """Pack WORK/bundle into a model-zoo bundle archive OUT (.zip); --torchscript adds models/model.ts."""
+    raise ICMDError("export is not available yet")
+
+
+def import_bundle(archive: str, work: str):
+    """Unpack a shared bundle archive into WORK/bundle, ready for predict and evaluate."""
+    raise ICMDError("import is not available yet")
+
+
+def demo(work: str = "icmd_demo", minutes: float = 3.0):
+    """The built-in example: a synthetic CT phantom, then plan -> train -> predict -> evaluate in a few minutes."""
+    from .demo import run_demo
+
+    run_demo(work, minutes=minutes, quiet=_QUIET)
+
+
+def version():
+    """Print the icmd_auto version."""
+    print(__version__)
+
+
+def format_report(report: dict) -> str:
+    mean = report["mean"]
+    rows = [
+        f"x{report['factor']}, {report['num_cases']} case(s)",
+        f"{'method':<10}{'PSNR all':>10}{'PSNR syn':>10}{'SSIM_a':>9}{'SSIM_c':>9}{'SSIM_s':>9}",
+    ]
+    for method in ("icmd", "linear", "cubic", "nearest"):
+        if method in mean:
+            m = mean[method]
+            rows.append(
+                f"{method:<10}{m['psnr_all']:>10.2f}{m['psnr_syn']:>10.2f}{m['ssim_a']:>9.4f}"
+                f"{m['ssim_c']:>9.4f}{m['ssim_s']:>9.4f}"
+            )
+    if "gain_over_linear_psnr_syn" in mean:
+        rows.append(f"gain over linear (synthesized slices): {mean['gain_over_linear_psnr_syn']:+.2f} dB")
+    return "\n".join(rows)
+
+
+COMMANDS = {
+    "plan": plan,
+    "train": train,
+    "predict": predict,
+    "evaluate": evaluate,
+    "export": export,
+    "import": import_bundle,
+    "demo": demo,
+    "version": version,
+}
+
+_QUIET = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _QUIET
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    _QUIET = "--quiet" in argv
+    argv = [a for a in argv if a not in ("--debug", "--quiet")]
+    os.environ.setdefault("PAGER", "cat")  # fire pages --help through less on a terminal otherwise
+    _setup_logging(_QUIET)
+    try:
+        fire.Fire(COMMANDS, command=argv, name="icmd_auto")
+    except ICMDError as e:
+        if debug:
+            raise
+        print(f"icmd_auto: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("icmd_auto: interrupted", file=sys.stderr)
+        return 130
+    except fire.core.FireExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # anything unexpected: one line, the traceback only with --debug
+        if debug:
+            raise
+        print(
+            f"icmd_auto: unexpected error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"(run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

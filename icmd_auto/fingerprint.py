@@ -1,0 +1,129 @@
+"""Dataset fingerprint: facts about the data, no decisions (nnU-Net's dataset_fingerprint).
+
+Per case: shape, spacing (mm), orientation code, stored dtype, intensity percentiles
+0.5 / 50 / 99.5 (HU). Dataset: median spacing and shape, and pooled intensity statistics
+(percentiles, and mean / std after clipping to the 0.5-99.5 window, as nnU-Net's
+CTNormalization uses them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monai.transforms import LoadImage
+
+from .errors import ICMDError
+from .template import scripts
+
+PERCENTILES = (0.5, 50.0, 99.5)
+# voxels pooled per case for the dataset-level intensity statistics (nnU-Net samples 10k
+# foreground voxels per case; we have no foreground mask, so we take more, uniformly)
+POOL_PER_CASE = 200_000
+# above this many voxels a case's own percentiles are computed on a regular subsample
+MAX_VOXELS_FOR_PERCENTILES = 20_000_000
+
+
+class CaseReadError(ICMDError):
+    """A case could not be read as a volume."""
+
+
+@dataclass
+class CaseFingerprint:
+    image: str
+    shape: list[int]
+    spacing: list[float]
+    orientation: str
+    dtype: str
+    intensity: dict[str, float]
+    all_finite: bool
+
+
+def load_case_array(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Read a NIfTI file or DICOM series folder as (array without channel axis, affine, dtype).
+
+    Raises:
+        CaseReadError: missing, unreadable, or not an image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CaseReadError(f"{path}: file not found")
+    if path.is_dir() and not scripts.io.is_dicom_dir(path):
+        raise CaseReadError(f"{path}: a folder without DICOM files")
+    if path.is_file() and not scripts.io.is_nifti(path):
+        raise CaseReadError(f"{path}: not a NIfTI file (.nii / .nii.gz) or DICOM series folder")
+    try:
+        img = LoadImage(image_only=True, reader=scripts.io.READERS, dtype=None)(str(path))
+    except Exception as e:  # readers raise many types; the user needs the file and the reason
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CaseReadError(f"{path}: cannot be read as an image ({reason[:200]})") from None
+    array = np.asarray(img)
+    dtype = str(scripts.io.stored_dtype(path)) if scripts.io.is_nifti(path) else "int16"
+    return array, np.asarray(img.affine, dtype=np.float64), dtype
+
+
+def percentiles(values: np.ndarray) -> dict[str, float]:
+    flat = values.reshape(-1)
+    if flat.size > MAX_VOXELS_FOR_PERCENTILES:
+        flat = flat[:: int(np.ceil(flat.size / MAX_VOXELS_FOR_PERCENTILES))]
+    p = np.percentile(flat, PERCENTILES)
+    return {f"p{q:g}": float(v) for q, v in zip(PERCENTILES, p)} | {
+        "min": float(flat.min()),
+        "max": float(flat.max()),
+    }
+
+
+def case_fingerprint(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: str) -> CaseFingerprint:
+    finite = bool(np.isfinite(array).all())
+    values = array if finite else array[np.isfinite(array)]
+    return CaseFingerprint(
+        image=str(path),
+        shape=[int(s) for s in array.shape],
+        spacing=[round(s, 6) for s in scripts.io.voxel_spacing(affine)],
+        orientation="".join(nib.aff2axcodes(affine)),
+        dtype=dtype,
+        intensity=percentiles(values) if values.size else {},
+        all_finite=finite,
+    )
+
+
+def pooled_intensity(samples: list[np.ndarray]) -> dict[str, float]:
+    """Dataset intensity statistics from voxels pooled over all cases."""
+    pool = np.concatenate([s.astype(np.float64) for s in samples])
+    stats = percentiles(pool)
+    clipped = np.clip(pool, stats["p0.5"], stats["p99.5"])
+    stats["mean"] = float(clipped.mean())
+    stats["std"] = float(max(clipped.std(), 1e-6))
+    return stats
+
+
+def sample_voxels(array: np.ndarray, n: int = POOL_PER_CASE, seed: int = 0) -> np.ndarray:
+    flat = array.reshape(-1)
+    flat = flat[np.isfinite(flat)]
+    if flat.size <= n:
+        return flat.copy()
+    return np.random.default_rng(seed).choice(flat, size=n, replace=False)
+
+
+def dataset_fingerprint(cases: list[CaseFingerprint], samples: list[np.ndarray], name: str) -> dict:
+    """Aggregate per-case facts into the dataset fingerprint (the content of fingerprint.json)."""
+    spacings = np.array([c.spacing for c in cases])
+    shapes = np.array([c.shape for c in cases])
+    return {
+        "dataset": name,
+        "num_cases": len(cases),
+        "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
+        "median_shape": [float(v) for v in np.median(shapes, axis=0)],
+        "min_slices": int(shapes[:, 2].min()),
+        "intensity": pooled_intensity(samples),
+        "cases": [asdict(c) for c in cases],
+    }
+
+
+def write_fingerprint(fingerprint: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(fingerprint, indent=2) + "\n")
+    return path

@@ -1,0 +1,117 @@
+"""Planner decisions: factor, refusals, memory-driven patch and batch, the time budget, the bundle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CHEST, requires_shared_data, run_cli, write_dataset
+from monai.bundle import ConfigParser
+
+from icmd_auto import api
+from icmd_auto.dataset import read_dataset_json
+from icmd_auto.errors import PlanningError
+from icmd_auto.fingerprint import dataset_fingerprint
+from icmd_auto.integrity import verify_dataset_integrity
+from icmd_auto.planner import PlanOptions, plan_experiment
+from icmd_auto.synthetic import ct_phantom, save_nifti
+
+
+def fingerprint_of(tmp_path, shape, spacing, name="case"):
+    path = tmp_path / f"{name}.nii.gz"
+    save_nifti(ct_phantom(shape, spacing), spacing, str(path))
+    spec = read_dataset_json(write_dataset(tmp_path / "dataset.json", [path]))
+    report = verify_dataset_integrity(spec)
+    return dataset_fingerprint(report.cases, report.samples, "test")
+
+
+@pytest.fixture(scope="module")
+def thick_fingerprint(tmp_path_factory):
+    return fingerprint_of(tmp_path_factory.mktemp("thick"), (96, 96, 20), (1.5, 1.5, 4.5))
+
+
+def test_factor_three_for_1p5_inplane_4p5_slices(thick_fingerprint):
+    plan = plan_experiment(thick_fingerprint, PlanOptions(preset="tiny", memory_gb=4))
+    assert plan["factor"]["value"] == 3
+    assert "4.5 mm / median in-plane spacing 1.5 mm = 3.00" in plan["factor"]["reason"]
+    assert plan["target_spacing_z"]["value"] == pytest.approx(1.5)
+    assert all("reason" in v for v in plan.values() if isinstance(v, dict) and "value" in v)
+
+
+def test_factor_is_clipped_and_can_be_forced(tmp_path):
+    fp = fingerprint_of(tmp_path, (64, 64, 12), (0.75, 0.75, 7.5))  # anisotropy 10
+    assert plan_experiment(fp, PlanOptions(preset="tiny"))["factor"]["value"] == 6
+    forced = plan_experiment(fp, PlanOptions(preset="tiny", factor=2))
+    assert forced["factor"]["value"] == 2 and "given" in forced["factor"]["reason"]
+    by_target = plan_experiment(fp, PlanOptions(preset="tiny", target_spacing_z=2.5))
+    assert by_target["factor"]["value"] == 3
+
+
+def test_refuses_isotropic_data_without_a_factor(tmp_path):
+    fp = fingerprint_of(tmp_path, (48, 48, 40), (1.5, 1.5, 1.5))
+    with pytest.raises(PlanningError, match="near-isotropic.*--factor"):
+        plan_experiment(fp, PlanOptions(preset="tiny"))
+
+
+def test_refuses_too_few_slices_for_the_factor(tmp_path):
+    fp = fingerprint_of(tmp_path, (48, 48, 4), (1.0, 1.0, 5.0))
+    with pytest.raises(PlanningError, match="too few slices for factor 5.*case.nii.gz \\(4 slices\\)"):
+        plan_experiment(fp, PlanOptions(preset="tiny"))
+
+
+def test_patch_and_batch_shrink_with_the_memory_budget(thick_fingerprint):
+    large = plan_experiment(thick_fingerprint, PlanOptions(preset="small", memory_gb=8))
+    small = plan_experiment(thick_fingerprint, PlanOptions(preset="small", memory_gb=0.15))
+    size = lambda p: p["patch_size"]["value"][0] ** 2 * p["batch_size"]["value"]  # noqa: E731
+    assert size(small) < size(large)
+    assert "0.15 GB budget" in small["patch_size"]["reason"]
+    with pytest.raises(PlanningError, match="memory budget .* too small"):
+        plan_experiment(thick_fingerprint, PlanOptions(preset="small", memory_gb=0.001))
+
+
+def test_time_budget_sizes_the_schedule(thick_fingerprint):
+    short = plan_experiment(thick_fingerprint, PlanOptions(preset="tiny", memory_gb=2, time_budget_min=0.5))
+    long = plan_experiment(thick_fingerprint, PlanOptions(preset="tiny", memory_gb=2, time_budget_min=5))
+    total = lambda p: p["training"]["value"]["epochs"] * p["training"]["value"]["iterations_per_epoch"]  # noqa: E731
+    assert total(long) > 5 * total(short)
+    assert short["training"]["value"]["time_limit_s"] == 30
+    assert "measured seconds per iteration" in short["training"]["reason"]
+
+
+@requires_shared_data
+def test_plan_command_on_thickened_chest(tmp_path, chest_x3):
+    dataset = write_dataset(tmp_path / "dataset.json", [chest_x3])
+    work = tmp_path / "work"
+    result = run_cli("plan", "--dataset", str(dataset), "--work", str(work), "--preset", "tiny")
+    assert result.returncode == 0, result.stderr
+    plans = json.loads((work / "plans.json").read_text())
+    assert plans["factor"]["value"] == 3 and "reason" in plans["factor"]
+    fingerprint = json.loads((work / "fingerprint.json").read_text())
+    assert fingerprint["cases"][0]["spacing"] == [1.5, 1.5, 4.5]
+    for name in ("metadata", "train", "inference", "evaluate"):
+        parser = ConfigParser()
+        parser.read_config(str(work / "bundle" / "configs" / f"{name}.json"))
+        parser.parse()
+    train = json.loads((work / "bundle" / "configs" / "train.json").read_text())
+    assert train["icmd"]["factor"] == 3 and train["datalist"] == [str(chest_x3)]
+    meta = json.loads((work / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["upsampling_factor_z"] == 3
+
+
+@requires_shared_data
+def test_plan_command_refuses_the_isotropic_original(tmp_path):
+    dataset = write_dataset(tmp_path / "dataset.json", [CHEST])
+    result = run_cli("plan", "--dataset", str(dataset), "--work", str(tmp_path / "work"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "near-isotropic" in lines[0] and "--factor" in lines[0]
+    assert not (tmp_path / "work").exists()
+
+
+def test_plan_api_writes_bundle_for_a_forced_factor(tmp_path):
+    path = tmp_path / "iso.nii.gz"
+    save_nifti(ct_phantom((48, 48, 30), (1.0, 1.0, 1.0)), (1.0, 1.0, 1.0), str(path))
+    plans = api.plan(write_dataset(tmp_path / "dataset.json", [path], factor=2), tmp_path / "work", preset="tiny")
+    assert plans["factor"]["value"] == 2
+    inference = json.loads((tmp_path / "work" / "bundle" / "configs" / "inference.json").read_text())
+    assert inference["icmd"]["factor"] == 2
