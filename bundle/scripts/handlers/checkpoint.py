@@ -131,7 +131,9 @@ class TrainingCheckpoint:
         if path is None:
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
+        max_epochs = engine.state.max_epochs  # the configured run length wins over the saved one
         Checkpoint.load_objects(to_load=self.save_dict, checkpoint=state)
+        engine.state.max_epochs = max(max_epochs, engine.state.epoch)
         self.logger.info(
             f"resumed from {os.path.basename(path)}: epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         )

@@ -1,0 +1,90 @@
+"""Network shapes for r = 2, 3, 4, known-slice copying, and the options that change structure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icmd_auto.template import scripts
+
+net_mod = scripts.networks
+TINY_A = {"width": 16, "groups": 1, "blocks": 1}
+TINY_P = {"width": 8, "groups": 1, "blocks": 1}
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+@pytest.mark.parametrize("in_slices", [2, 4])
+def test_axial_network_predicts_r_minus_1_slices(factor, in_slices):
+    g_a = net_mod.AxialSliceInterpolator(factor, in_slices, **TINY_A, mem_items=10)
+    out, aux = g_a(torch.randn(3, in_slices, 37, 29))  # sizes need not be multiples of 8
+    assert out.shape == (3, factor - 1, 37, 29)
+    assert aux["e3"].shape == (3, 16, 5, 4) and aux["p"].shape == (3, 5, 4, 10)
+    assert torch.allclose(aux["p"].sum(-1), torch.ones(3, 5, 4))
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_han_upsamples_along_z_only(factor):
+    g_c = net_mod.HANInterpolator(factor, **TINY_P)
+    x = torch.randn(5, 1, 24, 7)
+    out = g_c(x)
+    assert out.shape == (5, 1, 24, 7 * factor)
+    # freshly built, the residual branch is zero: linear interpolation, known samples exact
+    assert torch.allclose(out[..., ::factor], x, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_icmd_net_views_and_fusion(factor):
+    net = net_mod.ICMDNet(factor, axial=TINY_A, planar=TINY_P).eval()
+    volume = torch.randn(2, 1, 20, 16, 6)
+    with torch.no_grad():
+        out = net(volume)
+        views = {v: net.view(v, volume) for v in ("a", "c", "s")}
+    assert out.shape == (2, 1, 20, 16, 6 * factor)
+    assert torch.equal(out[..., ::factor], volume), "known slices are copied unchanged"
+    for v in views.values():
+        assert v.shape == out.shape
+    syn = torch.ones(6 * factor, dtype=torch.bool)
+    syn[::factor] = False
+    fused = (views["a"] + views["c"] + views["s"]) / 3
+    assert torch.allclose(out[..., syn], fused[..., syn], atol=1e-6)
+    assert (out.shape[-1] - factor + 1) == (volume.shape[-1] - 1) * factor + 1  # the covered range
+
+
+def test_plane_chunking_gives_the_same_output():
+    net = net_mod.ICMDNet(3, axial=TINY_A, planar=TINY_P).eval()
+    chunked = net_mod.ICMDNet(3, axial=TINY_A, planar=TINY_P, plane_chunk=5).eval()
+    chunked.load_state_dict(net.state_dict())
+    volume = torch.randn(1, 1, 17, 13, 5)
+    with torch.no_grad():
+        assert torch.allclose(net(volume), chunked(volume), atol=1e-5)
+
+
+def test_share_cs_and_memory_switch_change_the_state_dict():
+    shared = net_mod.ICMDNet(2, axial=TINY_A, planar=TINY_P, share_cs=True)
+    separate = net_mod.ICMDNet(2, axial=TINY_A, planar=TINY_P, share_cs=False)
+    assert not any(k.startswith("sagittal.") for k in shared.state_dict())
+    assert any(k.startswith("sagittal.") for k in separate.state_dict())
+    assert "axial.memory.items" in shared.state_dict()
+    no_memory = net_mod.ICMDNet(2, axial=TINY_A, planar=TINY_P, use_memory=False)
+    assert no_memory.axial.memory is None and "axial.memory.items" not in no_memory.state_dict()
+    assert shared.state_dict()["axial.memory.items"].shape == (10, 16)
+
+
+def test_fusion_needs_its_views():
+    with pytest.raises(ValueError, match="needs views"):
+        net_mod.ICMDNet(2, views=("c", "s"), fusion="mean3", planar=TINY_P)
+    net = net_mod.ICMDNet(2, views=("c", "s"), fusion="mean_cs", planar=TINY_P)
+    assert net.axial is None
+
+
+@pytest.mark.parametrize("fusion", ["a", "c", "s", "mean_cs"])
+def test_single_view_fusions(fusion):
+    net = net_mod.ICMDNet(3, axial=TINY_A, planar=TINY_P, fusion=fusion).eval()
+    volume = torch.randn(1, 1, 16, 16, 4)
+    with torch.no_grad():
+        out = net(volume)
+        used = net_mod.FUSIONS[fusion]
+        expected = sum(net.view(v, volume) for v in used) / len(used)
+    syn = torch.ones(12, dtype=torch.bool)
+    syn[::3] = False
+    assert torch.allclose(out[..., syn], expected[..., syn], atol=1e-6)
