@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-
 import warnings
 
 import fire
@@ -19,7 +18,7 @@ warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 from . import __version__, api  # noqa: E402
-from .errors import ICMDError
+from .errors import ICMDError  # noqa: E402
 
 logger = logging.getLogger("icmd_auto")
 

@@ -19,7 +19,8 @@ ABDOMEN = SHARED_DATA / "ct" / "totalseg_example_ct_3mm.nii.gz"
 DICOM_SERIES = SHARED_DATA / "ct" / "totalseg_dicom_series"
 
 requires_shared_data = pytest.mark.skipif(
-    not CHEST.exists(), reason=f"real CT test data not found at {SHARED_DATA} (clone the project beside shared/)"
+    not CHEST.exists(),
+    reason=f"real CT test data not found at {SHARED_DATA} (clone the project beside shared/)",
 )
 
 # a training run of a few iterations: the tiny preset, no time budget
@@ -41,21 +42,36 @@ def thicken(src: Path, dst: Path, factor: int, crop: tuple[int, int] | None = No
 
 
 def write_dataset(path: Path, training: list, test: list | None = None, **extra) -> Path:
-    doc = {"name": path.parent.name, "channel_names": {"0": "CT"}, "training": [{"image": str(p)} for p in training],
-           "test": [str(p) for p in (test or [])], **extra}
+    doc = {
+        "name": path.parent.name,
+        "channel_names": {"0": "CT"},
+        "training": [{"image": str(p)} for p in training],
+        "test": [str(p) for p in (test or [])],
+        **extra,
+    }
     path.write_text(json.dumps(doc))
     return path
 
 
 def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """The `icmd_auto` command as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "icmd_auto", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "icmd_auto", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
-def run_bundle(bundle: Path, configs: list[str], overrides: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_bundle(
+    bundle: Path, configs: list[str], overrides: dict, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """`python -m monai.bundle run` on a bundle, with icmd_auto made unimportable in that process."""
     files = [str(bundle / "configs" / c) for c in configs]
-    argv = ["run", "--bundle_root", str(bundle), "--config_file", files[0] if len(files) == 1 else repr(files)]
+    argv = [
+        "run",
+        "--bundle_root",
+        str(bundle),
+        "--config_file",
+        files[0] if len(files) == 1 else repr(files),
+    ]
     for key, value in overrides.items():
         argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     code = (
@@ -63,8 +79,14 @@ def run_bundle(bundle: Path, configs: list[str], overrides: dict, timeout: int =
         f"sys.argv = ['monai.bundle'] + {argv!r}; runpy.run_module('monai.bundle', run_name='__main__')"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          cwd=str(bundle.parent), env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(bundle.parent),
+        env=env,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from icmd_auto.synthetic import ct_phantom, save_nifti
 
 
 def _nifti(path, array, spacing=(1.0, 1.0, 3.0)):
-    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0][: 4])), str(path))
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0][:4])), str(path))
     return path
 
 

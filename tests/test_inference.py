@@ -36,8 +36,15 @@ def test_predict_keeps_geometry_and_known_slices(tiny_work, chest_x3, tmp_path):
 
 @requires_shared_data
 def test_predict_refuses_bad_input_with_one_line(tiny_work, tmp_path):
-    missing = run_cli("predict", "--work", str(tiny_work), "--input", str(tmp_path / "nope.nii.gz"),
-                      "--output", str(tmp_path / "o.nii.gz"))
+    missing = run_cli(
+        "predict",
+        "--work",
+        str(tiny_work),
+        "--input",
+        str(tmp_path / "nope.nii.gz"),
+        "--output",
+        str(tmp_path / "o.nii.gz"),
+    )
     assert missing.returncode == 1 and missing.stderr.strip().endswith("nope.nii.gz: file not found")
     assert "Traceback" not in missing.stderr and not (tmp_path / "o.nii.gz").exists()
 
@@ -54,7 +61,9 @@ def test_evaluate_reports_psnr_and_ssim_against_baselines(tiny_work, tmp_path):
         assert set(mean[method]) == {"psnr_all", "psnr_syn", "ssim_a", "ssim_c", "ssim_s"}
     # known slices are exact, so whole-volume PSNR exceeds synthesized-slice PSNR by about 10 log10(r/(r-1))
     for method in ("icmd", "linear"):
-        assert mean[method]["psnr_all"] - mean[method]["psnr_syn"] == pytest.approx(10 * np.log10(3 / 2), abs=0.05)
+        assert mean[method]["psnr_all"] - mean[method]["psnr_syn"] == pytest.approx(
+            10 * np.log10(3 / 2), abs=0.05
+        )
     assert mean["linear"]["psnr_syn"] == pytest.approx(30.2, abs=1.5)  # the real chest at x3
     assert np.isfinite(mean["gain_over_linear_psnr_syn"])
 

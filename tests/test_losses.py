@@ -80,8 +80,9 @@ def test_memory_losses_hand_computed():
 
 def test_level_two_has_r_squared_slice_density():
     r = 3
-    net = scripts.networks.ICMDNet(r, axial={"width": 16, "groups": 1, "blocks": 1},
-                                   planar={"width": 8, "groups": 1, "blocks": 1})
+    net = scripts.networks.ICMDNet(
+        r, axial={"width": 16, "groups": 1, "blocks": 1}, planar={"width": 8, "groups": 1, "blocks": 1}
+    )
     iteration = scripts.training.ICMDIteration(r, cmd_planes=4)
     seen = []
     original = net.coronal_view
@@ -104,5 +105,7 @@ def test_slice_profiles_keep_slice_centres(profile):
     z = torch.arange(13, dtype=torch.float32).view(1, 1, 1, 1, 13)
     thick = scripts.degradation.degrade_last(z, 4, profile)
     # a linear ramp: removal and a centred box both give the ramp at 0, 4, 8, 12 (ends replicate)
-    expected = torch.tensor([0.0, 4.0, 8.0, 12.0]) if profile == "removal" else torch.tensor([0.5, 4.0, 8.0, 11.5])
+    expected = (
+        torch.tensor([0.0, 4.0, 8.0, 12.0]) if profile == "removal" else torch.tensor([0.5, 4.0, 8.0, 11.5])
+    )
     assert torch.allclose(thick.flatten(), expected)

@@ -10,13 +10,35 @@ from conftest import REPO, run_cli
 
 
 def test_wheel_ships_the_bundle_template(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("icmd_auto-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for path in ("configs/train.json", "configs/inference.json", "configs/evaluate.json", "configs/metadata.json",
-                 "configs/logging.conf", "scripts/networks/han.py", "scripts/training.py", "docs/README.md",
-                 "LICENSE"):
+    for path in (
+        "configs/train.json",
+        "configs/inference.json",
+        "configs/evaluate.json",
+        "configs/metadata.json",
+        "configs/logging.conf",
+        "scripts/networks/han.py",
+        "scripts/training.py",
+        "docs/README.md",
+        "LICENSE",
+    ):
         assert f"icmd_auto/bundle_template/{path}" in names, path
     assert "icmd_auto/cli.py" in names
 

@@ -111,7 +111,9 @@ def test_plan_command_refuses_the_isotropic_original(tmp_path):
 def test_plan_api_writes_bundle_for_a_forced_factor(tmp_path):
     path = tmp_path / "iso.nii.gz"
     save_nifti(ct_phantom((48, 48, 30), (1.0, 1.0, 1.0)), (1.0, 1.0, 1.0), str(path))
-    plans = api.plan(write_dataset(tmp_path / "dataset.json", [path], factor=2), tmp_path / "work", preset="tiny")
+    plans = api.plan(
+        write_dataset(tmp_path / "dataset.json", [path], factor=2), tmp_path / "work", preset="tiny"
+    )
     assert plans["factor"]["value"] == 2
     inference = json.loads((tmp_path / "work" / "bundle" / "configs" / "inference.json").read_text())
     assert inference["icmd"]["factor"] == 2

@@ -48,17 +48,23 @@ def test_bundle_trains_without_icmd_auto_through_the_stages_and_resumes(crop_wor
     result = run_bundle(bundle, ["train.json"], {**overrides, "epochs": 5})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from checkpoint_3.pt: epoch 3, iteration 6" in result.stdout + result.stderr
-    resumed = read_metrics(bundle)[len(records):]
+    resumed = read_metrics(bundle)[len(records) :]
     assert [(r["epoch"], r["stage"]) for r in resumed] == [(4, 2), (4, 2), (5, 2), (5, 2)]
 
 
 # --- every switch changes behaviour -----------------------------------------------------------
 
+
 def parse_train(**overrides):
     parser = ConfigParser()
     parser.read_config(str(TEMPLATE_DIR / "configs" / "train.json"))
-    parser.update({"architecture#axial": {"width": 16, "groups": 1, "blocks": 1},
-                   "architecture#planar": {"width": 8, "groups": 1, "blocks": 1}, **overrides})
+    parser.update(
+        {
+            "architecture#axial": {"width": 16, "groups": 1, "blocks": 1},
+            "architecture#planar": {"width": 8, "groups": 1, "blocks": 1},
+            **overrides,
+        }
+    )
     parser["network_def"]["_target_"] = "icmd_auto.bundle_template.scripts.networks.ICMDNet"
     parser["train"]["iteration"]["_target_"] = "icmd_auto.bundle_template.scripts.training.ICMDIteration"
     parser.parse()
@@ -104,18 +110,24 @@ def changed(terms, default, keys):
         ({"icmd#use_wavelet": False}, lambda n, t, d: all(float(t[k]) < d[k] for k in ("int_a", "int_c"))),
         ({"icmd#wavelet": "haar"}, lambda n, t, d: changed(t, d, ["int_a", "int_c"])),
         ({"icmd#wavelet_weight": 0.1}, lambda n, t, d: all(float(t[k]) < d[k] for k in ("int_a", "int_c"))),
-        ({"icmd#use_memory": False},
-         lambda n, t, d: n.axial.memory is None and float(t["com"]) == 0 == float(t["sep"])),
+        (
+            {"icmd#use_memory": False},
+            lambda n, t, d: n.axial.memory is None and float(t["com"]) == 0 == float(t["sep"]),
+        ),
         ({"icmd#mem_items": 4}, lambda n, t, d: n.axial.memory.items.shape[0] == 4),
         ({"icmd#mem_margin": 5.0}, lambda n, t, d: float(t["sep"]) > d["sep"]),
         ({"icmd#mem_reduction": "sum"}, lambda n, t, d: float(t["com"]) > d["com"]),
         ({"icmd#share_cs": False}, lambda n, t, d: n.sagittal is not None and changed(t, d, ["int_s"])),
         ({"icmd#slice_profile": "average"}, lambda n, t, d: changed(t, d, ["int_a", "int_c"])),
         ({"icmd#inplane_pairs": True}, lambda n, t, d: changed(t, d, ["int_c", "int_s"])),
-        ({"icmd#internal_pairs": False, "icmd#inplane_pairs": True},
-         lambda n, t, d: changed(t, d, ["int_c"]) and not changed(t, d, ["int_a"])),
-        ({"icmd#views": ["c", "s"], "icmd#fusion": "mean_cs"},
-         lambda n, t, d: n.axial is None and float(t["int_a"]) == 0 == float(t["cmd_c"])),
+        (
+            {"icmd#internal_pairs": False, "icmd#inplane_pairs": True},
+            lambda n, t, d: changed(t, d, ["int_c"]) and not changed(t, d, ["int_a"]),
+        ),
+        (
+            {"icmd#views": ["c", "s"], "icmd#fusion": "mean_cs"},
+            lambda n, t, d: n.axial is None and float(t["int_a"]) == 0 == float(t["cmd_c"]),
+        ),
         ({"icmd#axial_slices": 4}, lambda n, t, d: n.axial.in_slices == 4 and changed(t, d, ["int_a"])),
         ({"icmd#cmd_planes": 2}, lambda n, t, d: changed(t, d, ["cmd_c", "cmd_s"])),
         ({"icmd#factor": 2}, lambda n, t, d: n.factor == 2 and changed(t, d, ["int_a"])),
