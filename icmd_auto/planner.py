@@ -32,6 +32,9 @@ PATCH_XY_CANDIDATES = (256, 192, 128, 96, 64, 48, 32)  # multiples of 8 (G_a's b
 WINDOW_XY_CANDIDATES = (512, 384, 256, 192, 128, 96, 64)
 TRAIN_MEMORY_SAFETY = 2.0  # measured autograd activations x this = the allowance (optimizer, allocator slack)
 RAM_SHARE = 0.25  # default CPU memory budget: a quarter of the RAM
+# without a GPU, and unless a preset or epochs are given, training is sized to this budget
+# (the benchmark's per-volume budget, docs/RESULTS.md)
+DEFAULT_CPU_BUDGET_MIN = 10.0
 
 
 @dataclass(frozen=True)
@@ -408,6 +411,9 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
         preset, preset_reason = PRESETS["paper"], "a CUDA GPU is present"
     else:
         preset, preset_reason = PRESETS["small"], "no GPU: the CPU preset"
+        if options.time_budget_min is None and options.epochs is None:
+            options.time_budget_min = DEFAULT_CPU_BUDGET_MIN
+            preset_reason += f", trained to the default CPU time budget of {DEFAULT_CPU_BUDGET_MIN:g} min"
     method = dict(options.method)
     method.setdefault("inplane_scale", plan["inplane_scale"]["value"])
     method.setdefault("slice_profile", plan["slice_profile"]["value"])
