@@ -8,7 +8,6 @@ run the same configs in-process through ``monai.bundle.ConfigWorkflow`` (no seco
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import subprocess
@@ -78,9 +77,10 @@ def run_workflow(bundle: Path, config_files: list[str], quiet: bool = False, **o
 
 
 def _override_args(overrides: dict) -> list[str]:
+    """``--key value`` pairs as monai.bundle's fire parser reads them (Python literals: False, [1, 2])."""
     args = []
     for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+        args += [f"--{key}", value if isinstance(value, str) else repr(value)]
     return args
 
 

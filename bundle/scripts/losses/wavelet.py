@@ -24,6 +24,10 @@ class DWT2D(nn.Module):
 
     ``forward(x)`` with x (N, 1, H, W) returns, for levels t = 1..levels, the high-frequency
     coefficients of level t stacked as (N, 3, H_t, W_t) (the LH, HL and HH bands).
+
+    One analysis step along an axis of length n is a linear map: symmetric extension, filtering
+    and down-sampling by 2 form an (n, (n+L-1)//2) matrix per filter. Applying the matrices
+    with matmul is much faster on CPUs than single-channel strided convolutions.
     """
 
     def __init__(self, wavelet: str = "db3", levels: int = 3):
@@ -31,26 +35,32 @@ class DWT2D(nn.Module):
         w = pywt.Wavelet(wavelet)
         self.levels = levels
         # conv1d is a correlation; pywt convolves, so the filters are reversed
-        self.register_buffer("lo", torch.tensor(w.dec_lo[::-1], dtype=torch.float32).view(1, 1, -1))
-        self.register_buffer("hi", torch.tensor(w.dec_hi[::-1], dtype=torch.float32).view(1, 1, -1))
+        self.register_buffer("lo", torch.tensor(w.dec_lo[::-1], dtype=torch.float64).view(1, 1, -1))
+        self.register_buffer("hi", torch.tensor(w.dec_hi[::-1], dtype=torch.float64).view(1, 1, -1))
+        self._matrices: dict = {}
 
-    def _analysis_last(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One analysis step along the last axis: (..., N) -> lowpass, highpass (..., (N+L-1)//2)."""
-        length = self.lo.shape[-1]
-        shape = x.shape
-        flat = symmetric_pad_last(x.reshape(-1, 1, shape[-1]), length - 1)[..., 1:]
-        lo = F.conv1d(flat, self.lo.to(x.dtype), stride=2)
-        hi = F.conv1d(flat, self.hi.to(x.dtype), stride=2)
-        return lo.reshape(*shape[:-1], -1), hi.reshape(*shape[:-1], -1)
+    def analysis_matrices(self, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, m) low- and high-pass analysis matrices for signals of length n, m = (n+L-1)//2."""
+        key = (n, dtype, str(device))
+        if key not in self._matrices:
+            length = self.lo.shape[-1]
+            eye = torch.eye(n, dtype=torch.float64, device=self.lo.device).unsqueeze(1)  # n unit signals
+            ext = symmetric_pad_last(eye, length - 1)[..., 1:]
+            lo = F.conv1d(ext, self.lo, stride=2)[:, 0]
+            hi = F.conv1d(ext, self.hi, stride=2)[:, 0]
+            self._matrices[key] = (lo.to(dtype=dtype, device=device), hi.to(dtype=dtype, device=device))
+        return self._matrices[key]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         highs = []
         approx = x[:, 0]
         for _ in range(self.levels):
-            lo_rows, hi_rows = self._analysis_last(approx.transpose(-1, -2))  # along H
-            lo_rows, hi_rows = lo_rows.transpose(-1, -2), hi_rows.transpose(-1, -2)
-            approx, lh = self._analysis_last(lo_rows)  # along W
-            hl, hh = self._analysis_last(hi_rows)
+            lo_h, hi_h = self.analysis_matrices(approx.shape[-2], approx.dtype, approx.device)
+            lo_w, hi_w = self.analysis_matrices(approx.shape[-1], approx.dtype, approx.device)
+            lo_rows = lo_h.t() @ approx  # along H
+            hi_rows = hi_h.t() @ approx
+            approx, lh = lo_rows @ lo_w, lo_rows @ hi_w  # along W
+            hl, hh = hi_rows @ lo_w, hi_rows @ hi_w
             highs.append(torch.stack([lh, hl, hh], dim=1))
         return highs
 
