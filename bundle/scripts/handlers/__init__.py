@@ -1,5 +1,6 @@
 from .checkpoint import RNGState, TrainingCheckpoint, latest_checkpoint
 from .distillation import DistillationSchedule
+from .distributed import RankSeed
 from .metrics_log import MetricsLog
 from .report import SynthesisReport
 
@@ -7,6 +8,7 @@ __all__ = [
     "DistillationSchedule",
     "MetricsLog",
     "RNGState",
+    "RankSeed",
     "SynthesisReport",
     "TrainingCheckpoint",
     "latest_checkpoint",

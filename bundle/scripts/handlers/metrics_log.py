@@ -9,7 +9,7 @@ from ignite.engine import Engine, Events
 
 
 class MetricsLog:
-    """Append ``engine.state.output`` (a dict of floats) to a JSONL file every ``interval`` iterations.
+    """Append ``engine.state.output`` (a dict of floats, or a list holding one) to a JSONL file every ``interval`` iterations.
 
     Lines: {"epoch", "iteration", "stage", "gamma", <every loss term>}. Only rank 0 writes when
     running distributed.
@@ -26,9 +26,11 @@ class MetricsLog:
 
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
-        output = (
-            engine.state.output if isinstance(engine.state.output, dict) else {"loss": engine.state.output}
-        )
+        output = engine.state.output
+        if isinstance(output, list):  # MONAI's decollated form: [{"loss": ..., <every term>}]
+            output = output[0]
+        if not isinstance(output, dict):
+            output = {"loss": output}
         record = {
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
