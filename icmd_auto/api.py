@@ -10,16 +10,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import runner
 from .bundle_writer import write_bundle
 from .dataset import read_dataset_json
+from .dicom_writer import write_prediction_series
 from .errors import ICMDError
+from .export import export_bundle as export  # noqa: F401  (`icmd_auto export`)
+from .export import import_bundle  # noqa: F401  (`icmd_auto import`)
 from .fingerprint import CaseReadError, dataset_fingerprint, load_case_array, write_fingerprint
 from .integrity import check_case, verify_dataset_integrity
 from .planner import PlanOptions, plan_experiment
 from .template import scripts
 
 logger = logging.getLogger("icmd_auto")
+
+OUTPUT_FORMATS = ("nifti", "dicom")
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -91,9 +98,10 @@ def train(work: str | Path, restart: bool = False, quiet: bool = False, **overri
     return summary
 
 
-def _check_input(path: Path, factor: int) -> None:
+def _check_input(path: Path, factor: int) -> np.ndarray:
+    """Refuse an input that cannot be synthesised; returns its affine (MONAI's RAS convention)."""
     try:
-        array, _, _ = load_case_array(path)
+        array, affine, _ = load_case_array(path)
     except CaseReadError as e:
         raise ICMDError(str(e)) from None
     problems = check_case(str(path), array)
@@ -103,6 +111,7 @@ def _check_input(path: Path, factor: int) -> None:
         raise ICMDError(
             f"{path}: {array.shape[-1]} slice(s); at least 2 are needed to synthesise between them"
         )
+    return affine
 
 
 def _bundle_factor(bundle: Path) -> int:
@@ -115,23 +124,36 @@ def predict(
     output: str | Path,
     overwrite: bool = False,
     quiet: bool = False,
+    output_format: str = "nifti",
     **overrides,
 ) -> Path:
-    """Synthesise thin slices for one volume (NIfTI file or DICOM series folder) into ``output`` (.nii.gz).
+    """Synthesise thin slices for one volume (NIfTI file or DICOM series folder) into ``output``.
 
-    The output is written to a temporary name and renamed into place; an existing output is
-    only replaced with ``overwrite``.
+    ``output_format``: "nifti", a .nii.gz / .nii file; or "dicom", a folder holding a new DICOM
+    series (the input must then be a DICOM series, whose patient and study tags are carried over).
+    The output is written under a temporary name beside it and renamed into place; an existing
+    output is only replaced with ``overwrite``.
     """
     bundle = runner.bundle_dir(work)
     runner.trained_model(bundle)
+    if output_format not in OUTPUT_FORMATS:
+        raise ICMDError(f"--output_format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     input, output = Path(input).expanduser().absolute(), Path(output).expanduser().absolute()
     if not input.exists():
         raise ICMDError(f"{input}: file not found")
-    if not str(output).endswith((".nii.gz", ".nii")):
+    nifti_name = str(output).endswith((".nii.gz", ".nii"))
+    if output_format == "nifti" and not nifti_name:
         raise ICMDError(f"{output}: the output must be a NIfTI file name (.nii.gz or .nii)")
+    if output_format == "dicom" and nifti_name:
+        raise ICMDError(f"{output}: with --output_format dicom the output is a folder for the new series")
+    if output_format == "dicom" and not scripts.io.is_dicom_dir(input):
+        raise ICMDError(
+            f"{input}: --output_format dicom needs a DICOM series folder as input (its patient and study tags are carried over)"
+        )
     if output.exists() and not overwrite:
         raise ICMDError(f"{output}: exists; pass --overwrite to replace it")
-    _check_input(input, _bundle_factor(bundle))
+    factor = _bundle_factor(bundle)
+    input_affine = _check_input(input, factor)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=".icmd_predict_", dir=output.parent))
     try:
@@ -149,7 +171,13 @@ def predict(
         written = sorted(tmpdir.glob("*.nii*"))
         if len(written) != 1:
             raise ICMDError(f"inference wrote {len(written)} files for {input}; expected one")
-        os.replace(written[0], output)
+        result = written[0]
+        if output_format == "dicom":
+            result = tmpdir / "series"
+            write_prediction_series(written[0], input, input_affine, factor, result)
+        if output.exists():  # only reached with overwrite
+            os.replace(output, tmpdir / "previous")
+        os.replace(result, output)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return output

@@ -115,6 +115,7 @@ def metadata(plan: dict, template_meta: dict) -> dict:
         (intensity["clip_low"] - intensity["mean"]) / intensity["std"],
         (intensity["clip_high"] - intensity["mean"]) / intensity["std"],
     ]
+    fmt["outputs"]["pred"]["spatial_shape"] = ["8*n", "8*n", f"2*n*{factor}"]  # r x the input's slices
     fmt["outputs"]["pred"]["upsampling_factor_z"] = factor
     fmt["outputs"]["pred"]["target_spacing_z_mm"] = target_z
     fmt["outputs"]["pred"]["value_range"] = fmt["inputs"]["image"]["value_range"]

@@ -92,14 +92,28 @@ def evaluate(work: str, dataset: str, out: str | None = None, **overrides):
     print(format_report(report))
 
 
-def export(work: str, out: str, torchscript: bool = False):
+def export(
+    work: str, out: str, torchscript: bool = False, report: str | None = None, overwrite: bool = False
+):
     """Pack WORK/bundle into a model-zoo bundle archive OUT (.zip); --torchscript adds models/model.ts."""
-    raise ICMDError("export is not available yet")
+    summary = api.export(work, out, torchscript=torchscript, report=report, overwrite=overwrite)
+    print(
+        f"wrote {summary['archive']} ({summary['files']} files, {summary['bytes'] / 2**20:.1f} MB); "
+        "metadata verified against MONAI's bundle schema"
+    )
+    print(
+        f"results table from {summary['report']}"
+        if summary["report"]
+        else "no evaluation report found: the model card says there are no measured results"
+    )
+    if summary["torchscript_input_shape"]:
+        print(f"models/model.ts traced at input shape {summary['torchscript_input_shape']}")
 
 
-def import_bundle(archive: str, work: str):
+def import_bundle(archive: str, work: str, overwrite: bool = False):
     """Unpack a shared bundle archive into WORK/bundle, ready for predict and evaluate."""
-    raise ICMDError("import is not available yet")
+    bundle = api.import_bundle(archive, work, overwrite=overwrite)
+    print(f"imported {archive} into {bundle}")
 
 
 def demo(work: str = "icmd_demo", minutes: float = 3.0):
