@@ -80,9 +80,13 @@ def train(work: str, restart: bool = False, **overrides):
     )
 
 
-def predict(work: str, input: str, output: str, overwrite: bool = False, **overrides):
-    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz)."""
-    out = api.predict(work, input, output, overwrite=overwrite, quiet=_QUIET, **overrides)
+def predict(
+    work: str, input: str, output: str, output_format: str = "nifti", overwrite: bool = False, **overrides
+):
+    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom)."""
+    out = api.predict(
+        work, input, output, overwrite=overwrite, quiet=_QUIET, output_format=output_format, **overrides
+    )
     print(f"wrote {out}")
 
 
