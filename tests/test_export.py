@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import CHEST, REPO, requires_shared_data, run_bundle, run_cli, write_dataset
+from monai.bundle import verify_net_in_out
 
-from icmd_auto import api
+from icmd_auto import api, runner
 from icmd_auto.errors import ICMDError
 from icmd_auto.export import SCHEMA, SCHEMA_MD5, verify_metadata
 
@@ -87,6 +88,15 @@ def test_archive_holds_a_model_zoo_bundle_without_local_paths(archive, unzipped,
     meta = json.loads((unzipped / "configs" / "metadata.json").read_text())
     assert meta["version"] == "0.1.0" and "0.1.0" in meta["changelog"]
     assert "eval_metrics" not in meta, "no report, no numbers"
+    assert meta["network_data_format"]["outputs"]["pred"]["spatial_shape"] == ["8*n", "8*n", "2*n*3"]
+    with runner.bundle_on_path(unzipped):  # the declared input runs through the network (channels, dtype)
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(unzipped / "configs" / "metadata.json"),
+            config_file=str(unzipped / "configs" / "inference.json"),
+            n=2,
+            any=2,
+        )
     card = (unzipped / "docs" / "README.md").read_text()
     for section in ("## This model", "## Measured results", "## Training", "## Inference", "## Intended use"):
         assert section in card, section
