@@ -73,7 +73,10 @@ def run_bundle(
         files[0] if len(files) == 1 else repr(files),
     ]
     for key, value in overrides.items():
-        argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        argv += [
+            f"--{key}",
+            value if isinstance(value, str) else repr(value),
+        ]  # Python literals, as fire reads them
     code = (
         "import sys, runpy; sys.modules['icmd_auto'] = None; "  # any `import icmd_auto` now fails
         f"sys.argv = ['monai.bundle'] + {argv!r}; runpy.run_module('monai.bundle', run_name='__main__')"

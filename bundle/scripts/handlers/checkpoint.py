@@ -70,6 +70,11 @@ class RNGState:
             t.R.set_state(_numpy_tuple(s))
 
 
+def _epoch_of(path: str) -> int:
+    m = re.search(r"_(\d+)\.pt$", path)
+    return int(m.group(1)) if m else -1
+
+
 def latest_checkpoint(directory: str, prefix: str = "checkpoint") -> str | None:
     """The checkpoint file with the highest epoch in ``directory``, or None."""
     found = []
@@ -141,7 +146,15 @@ class TrainingCheckpoint:
     def save(self, engine: Engine) -> None:
         if self._is_writer():
             self.checkpoint(engine)
+            self._remove_older(engine.state.epoch)
         self.save_model(engine)
+
+    def _remove_older(self, epoch: int) -> None:
+        """Checkpoints of earlier runs (before a resume) are not tracked by Ignite; keep ``n_saved``."""
+        found = sorted(glob.glob(os.path.join(self.save_dir, "checkpoint_*.pt")), key=_epoch_of)
+        for path in found[: -self.checkpoint.n_saved]:
+            if _epoch_of(path) < epoch:
+                os.remove(path)
 
     def save_model(self, engine: Engine) -> None:
         if self._is_writer():
