@@ -12,10 +12,16 @@ class ICMDError(Exception):
 
 
 class DatasetIntegrityError(ICMDError):
-    """One or more cases of a dataset failed the integrity check; ``problems`` lists them all."""
+    """One or more cases of a dataset failed the integrity check; ``problems`` lists them all.
+
+    One problem is one line (it names its file); several are listed under a line naming the dataset.
+    """
 
     def __init__(self, dataset: str, problems: list[str]):
         self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+            return
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{dataset}: {len(self.problems)} problem(s) found:\n{lines}")
 

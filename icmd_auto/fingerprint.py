@@ -14,8 +14,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.data import NibabelReader, PydicomReader
 from monai.transforms import LoadImage
 
+from .dicom_checks import series_problems
 from .errors import ICMDError
 from .template import scripts
 
@@ -45,8 +47,11 @@ class CaseFingerprint:
 def load_case_array(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     """Read a NIfTI file or DICOM series folder as (array without channel axis, affine, dtype).
 
+    A DICOM folder must hold one regular series (dicom_checks.py), checked from its headers
+    before MONAI decodes and stacks the slices.
+
     Raises:
-        CaseReadError: missing, unreadable, or not an image.
+        CaseReadError: missing, unreadable, not an image, or an inconsistent DICOM series.
     """
     path = Path(path)
     if not path.exists():
@@ -55,12 +60,18 @@ def load_case_array(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
         raise CaseReadError(f"{path}: a folder without DICOM files")
     if path.is_file() and not scripts.io.is_nifti(path):
         raise CaseReadError(f"{path}: not a NIfTI file (.nii / .nii.gz) or DICOM series folder")
+    if path.is_dir():
+        problems = series_problems(path)
+        if problems:
+            raise CaseReadError("; ".join(problems))
+    # one reader, named: LoadImage would otherwise try the others and report the last one's failure
+    kind, reader = ("NIfTI", NibabelReader()) if path.is_file() else ("DICOM series", PydicomReader())
     try:
-        img = LoadImage(image_only=True, reader=scripts.io.READERS, dtype=None)(str(path))
-    except Exception as e:  # readers raise many types; the user needs the file and the reason
+        img = LoadImage(image_only=True, dtype=None)(str(path), reader=reader)
+        array = np.asarray(img)
+    except Exception as e:  # readers raise many types (zlib, EOF, pydicom); the user needs file and reason
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CaseReadError(f"{path}: cannot be read as an image ({reason[:200]})") from None
-    array = np.asarray(img)
+        raise CaseReadError(f"{path}: cannot be read as a {kind} ({reason[:200]})") from None
     dtype = str(scripts.io.stored_dtype(path)) if scripts.io.is_nifti(path) else "int16"
     return array, np.asarray(img.affine, dtype=np.float64), dtype
 

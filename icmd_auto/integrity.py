@@ -1,7 +1,9 @@
-"""Dataset integrity check, before any work (nnU-Net's verify_dataset_integrity).
+"""Input integrity checks, before any work (nnU-Net's verify_dataset_integrity).
 
-Every image of dataset.json is opened once: it must exist, be readable as a NIfTI file or a
-DICOM series, be 3-D with one channel, and hold finite values. All problems are collected and
+Every image a command will use (plan: dataset.json's; train: the bundle's datalist; evaluate: the
+test images; predict: each input) is opened once first: it must exist, be readable as a NIfTI
+file or one regular DICOM series (dicom_checks.py), be 3-D with one channel, have the slices the
+command needs, and hold finite values. All problems are collected and
 reported together, each with its file name. Intensities outside a plausible CT (HU) range are
 a warning, not an error: the method works on any intensities, but the planner's window and the
 reports assume HU.
@@ -10,6 +12,7 @@ reports assume HU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +25,8 @@ from .fingerprint import CaseFingerprint, CaseReadError, case_fingerprint, load_
 HU_AIR_MAX_P05 = -500.0
 HU_PLAUSIBLE_MIN = -3100.0
 HU_PLAUSIBLE_MAX = 40_000.0
+# slices are synthesised between two known ones
+MIN_SLICES = 2
 
 
 @dataclass
@@ -31,16 +36,24 @@ class IntegrityReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_case(path: str, array: np.ndarray) -> list[str]:
-    """The problems of one loaded case (empty when it is fine)."""
+def check_case(
+    path: str, array: np.ndarray, min_slices: int = MIN_SLICES, purpose: str = "slice synthesis"
+) -> list[str]:
+    """The problems of one loaded case (empty when it is fine).
+
+    ``min_slices`` is what ``purpose`` needs along z (2 to synthesise between slices; r+1 to
+    train or to simulate a thick input at factor r).
+    """
     if array.ndim == 2:
         return [f"{path}: 2-D image (shape {list(array.shape)}); a 3-D CT volume is needed"]
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
         return [f"{path}: {array.ndim}-D image (shape {list(array.shape)}); one 3-D channel is needed"]
-    if min(array.shape) < 2:
+    if min(array.shape[:2]) < 2:
         return [f"{path}: degenerate volume (shape {list(array.shape)})"]
+    if array.shape[2] < min_slices:
+        return [f"{path}: {array.shape[2]} slice(s); {purpose} needs at least {min_slices}"]
     bad = int(array.size - np.isfinite(array).sum()) if array.dtype.kind == "f" else 0
     if bad:
         return [f"{path}: {bad} voxels are NaN or Inf"]
@@ -61,36 +74,70 @@ def ct_range_warning(case: CaseFingerprint) -> str | None:
     return None
 
 
-def verify_dataset_integrity(spec: DatasetSpec, include_test: bool = False) -> IntegrityReport:
-    """Open every training image (and the test images if asked); raise with all problems at once.
+def check_image(
+    path: str | Path, min_slices: int = MIN_SLICES, purpose: str = "slice synthesis"
+) -> tuple[CaseFingerprint, np.ndarray, np.ndarray]:
+    """Open one image and check it; returns its fingerprint, its (X, Y, Z) array and its affine.
+
+    Raises:
+        CaseReadError: one line naming the file and the problem.
+    """
+    array, affine, dtype = load_case_array(path)
+    problems = check_case(str(path), array, min_slices, purpose)
+    if problems:
+        raise CaseReadError(problems[0])
+    if array.ndim == 4:
+        array = array[..., 0]
+    return case_fingerprint(path, array, affine, dtype), array, affine
+
+
+def verify_images(
+    paths: list,
+    source: str,
+    min_slices: int = MIN_SLICES,
+    purpose: str = "slice synthesis",
+    pooled: int = 0,
+) -> IntegrityReport:
+    """Open every image in ``paths``; raise with all problems at once, naming ``source`` (where the
+    list comes from) when there are several.
 
     Returns:
-        the per-case fingerprints, pooled voxel samples and warnings of the readable cases.
+        the fingerprints of all images, voxel samples of the first ``pooled`` ones (for the
+        dataset's intensity statistics), and the non-CT-range warnings.
 
     Raises:
         DatasetIntegrityError: one line per problem, each naming its file.
     """
     report, problems = IntegrityReport(), []
-    paths = list(spec.training) + (list(spec.test) if include_test else [])
     for i, path in enumerate(paths):
         try:
-            array, affine, dtype = load_case_array(path)
+            case, array, _ = check_image(path, min_slices, purpose)
         except CaseReadError as e:
             problems.append(str(e))
             continue
-        case_problems = check_case(str(path), array)
-        if case_problems:
-            problems.extend(case_problems)
-            continue
-        if array.ndim == 4:
-            array = array[..., 0]
-        case = case_fingerprint(path, array, affine, dtype)
         warning = ct_range_warning(case)
         if warning:
             report.warnings.append(warning)
-        if i < len(spec.training):
-            report.cases.append(case)
+        report.cases.append(case)
+        if i < pooled:
             report.samples.append(sample_voxels(array, seed=i))
     if problems:
-        raise DatasetIntegrityError(str(spec.path), problems)
+        raise DatasetIntegrityError(source, problems)
+    return report
+
+
+def verify_dataset_integrity(spec: DatasetSpec, include_test: bool = False) -> IntegrityReport:
+    """Open every training image (and the test images if asked); raise with all problems at once.
+
+    Returns:
+        the per-case fingerprints, pooled voxel samples and warnings of the training images (and
+        the test images' warnings).
+
+    Raises:
+        DatasetIntegrityError: one line per problem, each naming its file.
+    """
+    training = list(spec.training)
+    paths = training + (list(spec.test) if include_test else [])
+    report = verify_images(paths, str(spec.path), pooled=len(training))
+    report.cases = report.cases[: len(training)]
     return report
