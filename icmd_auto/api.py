@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ from .dicom_writer import write_prediction_series
 from .errors import ICMDError
 from .export import export_bundle as export  # noqa: F401  (`icmd_auto export`)
 from .export import import_bundle  # noqa: F401  (`icmd_auto import`)
-from .fingerprint import CaseReadError, dataset_fingerprint, load_case_array, write_fingerprint
-from .integrity import check_case, verify_dataset_integrity
+from .fingerprint import dataset_fingerprint, write_fingerprint
+from .integrity import check_image, ct_range_warning, verify_dataset_integrity, verify_images
 from .planner import PlanOptions, plan_experiment
+from .preview import write_preview
 from .template import scripts
 
 logger = logging.getLogger("icmd_auto")
@@ -33,6 +35,11 @@ def _write_json(path: Path, content: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(content, indent=2) + "\n")
     tmp.replace(path)
+
+
+def _log_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        logger.warning(f"warning: {warning}")
 
 
 def plan(dataset: str | Path, work: str | Path, **options) -> dict:
@@ -50,8 +57,7 @@ def plan(dataset: str | Path, work: str | Path, **options) -> dict:
     if opts.slice_profile is None and spec.slice_profile is not None:
         opts.slice_profile = spec.slice_profile
     report = verify_dataset_integrity(spec)
-    for warning in report.warnings:
-        logger.warning(f"warning: {warning}")
+    _log_warnings(report.warnings)
     fingerprint = dataset_fingerprint(report.cases, report.samples, spec.name)
     fingerprint["dataset_json"] = str(spec.path)
     plans = plan_experiment(fingerprint, opts)  # refuses before anything is written
@@ -63,9 +69,32 @@ def plan(dataset: str | Path, work: str | Path, **options) -> dict:
     return plans
 
 
+def _check_training_images(bundle: Path, overrides: dict) -> None:
+    """The images the bundle will train on (its datalist, overrides applied), checked before training."""
+    config = bundle / "configs" / "train.json"
+    try:
+        factor = int(runner.config_value(bundle, ["train.json"], "icmd#factor", **overrides))
+        datalist = runner.config_value(bundle, ["train.json"], "datalist", **overrides)
+    except Exception as e:  # an exported bundle lists --dataset_dir, which may be missing or empty
+        raise ICMDError(
+            f"{config}: the training images cannot be listed ({runner.error_summary(e)})"
+        ) from None
+    if isinstance(datalist, (str, Path)) or not datalist:
+        raise ICMDError(f"{config}: 'datalist' must be a non-empty list of images, got {datalist!r}")
+    report = verify_images(
+        list(datalist), f"{config} datalist", min_slices=factor + 1, purpose=f"internal learning at x{factor}"
+    )
+    _log_warnings(report.warnings)
+
+
 def train(work: str | Path, restart: bool = False, quiet: bool = False, **overrides) -> dict:
-    """Train the generated bundle (resuming from its latest checkpoint); returns a summary."""
+    """Train the generated bundle (resuming from its latest checkpoint); returns a summary.
+
+    The overrides (config keys) and the training images are checked before anything runs.
+    """
     bundle = runner.bundle_dir(work)
+    runner.check_overrides(bundle, ["train.json"], overrides)
+    _check_training_images(bundle, overrides)
     models, logs = bundle / "models", bundle / "logs"
     if restart:
         for path in models.glob("checkpoint_*.pt"):
@@ -98,24 +127,139 @@ def train(work: str | Path, restart: bool = False, quiet: bool = False, **overri
     return summary
 
 
-def _check_input(path: Path, factor: int) -> np.ndarray:
-    """Refuse an input that cannot be synthesised; returns its affine (MONAI's RAS convention)."""
-    try:
-        array, affine, _ = load_case_array(path)
-    except CaseReadError as e:
-        raise ICMDError(str(e)) from None
-    problems = check_case(str(path), array)
-    if problems:
-        raise ICMDError(problems[0])
-    if array.shape[-1] < 2:
+def _bundle_factor(bundle: Path) -> int:
+    return int(json.loads((bundle / "configs" / "inference.json").read_text())["icmd"]["factor"])
+
+
+@dataclass
+class PredictionJob:
+    """One case of ``predict``: where it comes from and where its results go."""
+
+    input: Path
+    output: Path
+    preview: Path | None = None
+
+
+def _is_nifti_name(path: Path) -> bool:
+    return str(path).endswith((".nii.gz", ".nii"))
+
+
+def _preview_beside(output: Path) -> Path:
+    """``out/scan_thin.nii.gz`` -> ``out/scan_thin.png`` (a DICOM output folder ``out/thin`` -> ``out/thin.png``)."""
+    return output.with_name(scripts.io.case_name(output) + ".png")
+
+
+def _batch_cases(input: Path) -> list[Path] | None:
+    """The volumes of a batch input (a folder of volumes, or a dataset.json's training images);
+    None when ``input`` is one volume (a NIfTI file or a DICOM series folder)."""
+    if input.is_file() and input.suffix == ".json":
+        return list(read_dataset_json(input).training)
+    if input.is_dir() and not scripts.io.is_dicom_dir(input):
+        try:
+            return [Path(p) for p in scripts.io.list_inputs(input)]
+        except FileNotFoundError as e:
+            raise ICMDError(str(e)) from None
+    return None
+
+
+def _single_job(input: Path, output: Path, output_format: str, preview: str | bool | None) -> PredictionJob:
+    if output_format == "nifti" and not _is_nifti_name(output):
+        raise ICMDError(f"{output}: the output must be a NIfTI file name (.nii.gz or .nii)")
+    if output_format == "dicom" and _is_nifti_name(output):
+        raise ICMDError(f"{output}: with --output_format dicom the output is a folder for the new series")
+    if output_format == "dicom" and not scripts.io.is_dicom_dir(input):
         raise ICMDError(
-            f"{path}: {array.shape[-1]} slice(s); at least 2 are needed to synthesise between them"
+            f"{input}: --output_format dicom needs a DICOM series folder as input (its patient and study tags are carried over)"
         )
+    if preview is True:
+        preview_path = _preview_beside(output)
+    elif preview:
+        preview_path = Path(str(preview)).expanduser().absolute()
+        if preview_path.suffix.lower() != ".png":
+            raise ICMDError(f"--preview {preview}: the preview is a PNG file (.png)")
+    else:
+        preview_path = None
+    return PredictionJob(input, output, preview_path)
+
+
+def _batch_jobs(
+    input: Path, cases: list[Path], output: Path, output_format: str, preview: str | bool | None
+) -> list[PredictionJob]:
+    if output.exists() and not output.is_dir():
+        raise ICMDError(f"{output}: for several inputs the output is a folder; this is a file")
+    if output == input or (input.is_file() and output == input.parent):
+        raise ICMDError(
+            f"{output}: write the outputs to another folder than the inputs (they would be read as inputs next time)"
+        )
+    if preview not in (None, False, True):
+        raise ICMDError(
+            f"--preview {preview}: with several inputs give --preview alone; each case's PNG is written beside its output"
+        )
+    if output_format == "dicom":
+        not_series = [c for c in cases if not scripts.io.is_dicom_dir(c)]
+        if not_series:
+            raise ICMDError(
+                f"{not_series[0]}: --output_format dicom needs DICOM series folders as inputs "
+                f"({len(not_series)} of {len(cases)} are not)"
+            )
+    suffix = "" if output_format == "dicom" else ".nii.gz"
+    jobs, seen = [], {}
+    for case in cases:
+        name = f"{scripts.io.case_name(case)}_icmd"
+        if name in seen:
+            raise ICMDError(
+                f"{case} and {seen[name]} would both be written to {output / name}{suffix}; rename one"
+            )
+        seen[name] = case
+        jobs.append(
+            PredictionJob(Path(case), output / f"{name}{suffix}", output / f"{name}.png" if preview else None)
+        )
+    return jobs
+
+
+def _commit(result: Path, output: Path, scratch: Path) -> None:
+    """Rename ``result`` to ``output``; an existing output (only with --overwrite) is moved away first."""
+    if output.exists():
+        os.replace(output, scratch / "previous")
+    os.replace(result, output)
+
+
+def _check_prediction_input(job: PredictionJob) -> np.ndarray:
+    """Check one case's input (refusing it in one line); returns its affine (MONAI's convention)."""
+    case, array, affine = check_image(job.input)
+    del array  # the bundle reads the input itself; no second copy is held during inference
+    warning = ct_range_warning(case)
+    if warning:
+        logger.warning(f"warning: {warning}")
     return affine
 
 
-def _bundle_factor(bundle: Path) -> int:
-    return int(json.loads((bundle / "configs" / "inference.json").read_text())["icmd"]["factor"])
+def _predict_one(
+    session: runner.InferenceSession,
+    job: PredictionJob,
+    affine: np.ndarray,
+    scratch: Path,
+    factor: int,
+    output_format: str,
+) -> None:
+    """Synthesise and write one checked case; everything goes through ``scratch`` (beside the output)."""
+    try:
+        session.run([str(job.input)])
+    except runner.WorkflowError as e:
+        raise ICMDError(
+            f"{job.input}: prediction failed: {e} (run again with --debug for the traceback)"
+        ) from e
+    written = sorted(scratch.glob("*.nii*"))
+    if len(written) != 1:
+        raise ICMDError(f"inference wrote {len(written)} files for {job.input}; expected one")
+    result = written[0]
+    if job.preview:  # before the output is committed: a case is written whole or not at all
+        write_preview(job.input, result, factor, job.preview)
+    if output_format == "dicom":
+        series = scratch / "series"
+        write_prediction_series(result, job.input, affine, factor, series)
+        result = series
+    _commit(result, job.output, scratch)
 
 
 def predict(
@@ -123,64 +267,104 @@ def predict(
     input: str | Path,
     output: str | Path,
     overwrite: bool = False,
+    resume: bool = False,
     quiet: bool = False,
     output_format: str = "nifti",
+    preview: str | bool | None = None,
     **overrides,
-) -> Path:
-    """Synthesise thin slices for one volume (NIfTI file or DICOM series folder) into ``output``.
+) -> Path | dict:
+    """Synthesise thin slices for one volume, or for every volume of a folder or a dataset.json.
 
-    ``output_format``: "nifti", a .nii.gz / .nii file; or "dicom", a folder holding a new DICOM
-    series (the input must then be a DICOM series, whose patient and study tags are carried over).
-    The output is written under a temporary name beside it and renamed into place; an existing
-    output is only replaced with ``overwrite``.
+    One volume (a NIfTI file or a DICOM series folder) goes to ``output``: with ``output_format``
+    "nifti" a .nii.gz / .nii file, with "dicom" a folder holding a new DICOM series (the input
+    must then be a DICOM series, whose patient and study tags are carried over). Returns the path.
+
+    Several volumes (``input`` a folder of NIfTI files and DICOM series folders, or a dataset.json
+    whose training images are taken) go into the folder ``output``, each to ``<case>_icmd.nii.gz``
+    (or the series folder ``<case>_icmd``), one after the other with the network loaded once. A
+    failing case is reported and the others go on; the failures are raised together at the end.
+    Returns {"written": [...], "skipped": [...]}.
+
+    Every output is written under a temporary name beside it and renamed into place. An existing
+    output is a refusal before any work unless ``overwrite`` (replace it) or ``resume`` (skip the
+    case). ``preview``: a .png path (one volume) or True (beside each output): coronal and
+    sagittal planes of input and output (preview.py).
     """
     bundle = runner.bundle_dir(work)
     runner.trained_model(bundle)
     if output_format not in OUTPUT_FORMATS:
         raise ICMDError(f"--output_format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    if overwrite and resume:
+        raise ICMDError("--resume keeps existing outputs and --overwrite replaces them: pass one of the two")
+    runner.check_overrides(bundle, ["inference.json"], overrides)
     input, output = Path(input).expanduser().absolute(), Path(output).expanduser().absolute()
     if not input.exists():
         raise ICMDError(f"{input}: file not found")
-    nifti_name = str(output).endswith((".nii.gz", ".nii"))
-    if output_format == "nifti" and not nifti_name:
-        raise ICMDError(f"{output}: the output must be a NIfTI file name (.nii.gz or .nii)")
-    if output_format == "dicom" and nifti_name:
-        raise ICMDError(f"{output}: with --output_format dicom the output is a folder for the new series")
-    if output_format == "dicom" and not scripts.io.is_dicom_dir(input):
-        raise ICMDError(
-            f"{input}: --output_format dicom needs a DICOM series folder as input (its patient and study tags are carried over)"
-        )
-    if output.exists() and not overwrite:
-        raise ICMDError(f"{output}: exists; pass --overwrite to replace it")
+    cases = _batch_cases(input)
+    if cases is None:
+        jobs = [_single_job(input, output, output_format, preview)]
+    else:
+        jobs = _batch_jobs(input, cases, output, output_format, preview)
+    skipped = [job for job in jobs if resume and job.output.exists()]
+    todo = [job for job in jobs if job not in skipped]
+    if not overwrite:
+        clash = [p for job in todo for p in (job.output, job.preview) if p is not None and p.exists()]
+        if clash and cases is None:
+            raise ICMDError(f"{clash[0]}: exists; pass --overwrite to replace it")
+        if clash:
+            more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+            raise ICMDError(
+                f"{clash[0]}: exists{more}; pass --resume to skip the cases already done or --overwrite to replace them"
+            )
+    for job in skipped:
+        logger.info(f"skipped {job.input.name}: {job.output} exists (--resume)")
     factor = _bundle_factor(bundle)
-    input_affine = _check_input(input, factor)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".icmd_predict_", dir=output.parent))
+    failures, written = [], []
+    overrides.setdefault("progress", (not quiet) and os.isatty(2))
+    scratch, session = None, None  # made beside the outputs once a case has passed its check
     try:
-        overrides.setdefault("progress", (not quiet) and os.isatty(2))
-        runner.run_workflow(
-            bundle,
-            ["inference.json"],
-            quiet=quiet,
-            datalist=[str(input)],
-            output_dir=str(tmpdir),
-            output_postfix="icmd",
-            output_ext=".nii.gz" if str(output).endswith(".gz") else ".nii",
-            **overrides,
-        )
-        written = sorted(tmpdir.glob("*.nii*"))
-        if len(written) != 1:
-            raise ICMDError(f"inference wrote {len(written)} files for {input}; expected one")
-        result = written[0]
-        if output_format == "dicom":
-            result = tmpdir / "series"
-            write_prediction_series(written[0], input, input_affine, factor, result)
-        if output.exists():  # only reached with overwrite
-            os.replace(output, tmpdir / "previous")
-        os.replace(result, output)
+        for i, job in enumerate(todo, 1):
+            if cases is not None:
+                logger.info(f"[{i}/{len(todo)}] {job.input} -> {job.output}")
+            try:
+                affine = _check_prediction_input(job)
+                if session is None:
+                    job.output.parent.mkdir(parents=True, exist_ok=True)
+                    scratch = Path(tempfile.mkdtemp(prefix=".icmd_predict_", dir=job.output.parent))
+                    session = runner.InferenceSession(
+                        bundle,
+                        ["inference.json"],
+                        quiet=quiet,
+                        output_dir=str(scratch),
+                        output_postfix="icmd",
+                        output_ext=".nii" if str(output).endswith(".nii") else ".nii.gz",
+                        **overrides,
+                    )
+                _predict_one(session, job, affine, scratch, factor, output_format)
+                written.append(job.output)
+            except Exception as e:
+                if cases is None:
+                    raise
+                message = str(e) if isinstance(e, ICMDError) else f"{job.input}: {runner.error_summary(e)}"
+                logger.error(f"failed: {message}")
+                failures.append(message)
+            finally:
+                for leftover in scratch.iterdir() if scratch else ():
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return output
+        if session:
+            session.close()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if cases is None:
+        return output
+    if failures:
+        lines = "\n".join(f"  - {f}" for f in failures)
+        raise ICMDError(
+            f"{len(failures)} of {len(jobs)} case(s) failed ({len(written)} written, {len(skipped)} skipped as "
+            f"done); re-run with --resume to retry only these:\n{lines}"
+        )
+    return {"written": [str(p) for p in written], "skipped": [str(j.output) for j in skipped]}
 
 
 def evaluate(
@@ -193,29 +377,30 @@ def evaluate(
     """
     bundle = runner.bundle_dir(work)
     runner.trained_model(bundle)
+    configs = ["inference.json", "evaluate.json"]
+    runner.check_overrides(bundle, configs, overrides)
     spec = read_dataset_json(dataset)
     images = spec.test or spec.training
-    verify_dataset_integrity(spec, include_test=True)
     factor = _bundle_factor(bundle)
+    report = verify_images(
+        images, str(spec.path), min_slices=factor + 1, purpose=f"the simulated-thick protocol at x{factor}"
+    )
+    _log_warnings(report.warnings)
     out = Path(out).expanduser().absolute() if out else Path(work).expanduser().absolute() / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for image in images:
-        _, _, z = load_case_array(image)[0].shape[:3]
-        if z < factor + 1:
-            raise ICMDError(
-                f"{image}: {z} slices; the simulated-thick protocol at x{factor} needs at least {factor + 1}"
-            )
     overrides.setdefault("progress", (not quiet) and os.isatty(2))
     if spec.slice_profile:
         overrides.setdefault("slice_profile", spec.slice_profile)
     tmp = out.with_name(out.name + ".partial")
-    runner.run_workflow(
-        bundle,
-        ["inference.json", "evaluate.json"],
-        quiet=quiet,
-        datalist=[str(p) for p in images],
-        report_path=str(tmp),
-        **overrides,
-    )
-    os.replace(tmp, out)
+    try:
+        runner.run_workflow(
+            bundle, configs, quiet=quiet, datalist=[str(p) for p in images], report_path=str(tmp), **overrides
+        )
+        os.replace(tmp, out)
+    except runner.WorkflowError as e:
+        raise ICMDError(
+            f"{spec.path}: evaluation failed: {e} (run again with --debug for the traceback)"
+        ) from e
+    finally:
+        tmp.unlink(missing_ok=True)
     return json.loads(out.read_text())

@@ -5,6 +5,7 @@ Errors the user can fix print one line and exit 1; ``--debug`` shows the traceba
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -24,6 +25,15 @@ logger = logging.getLogger("icmd_auto")
 
 
 def _setup_logging(quiet: bool) -> None:
+    """Our messages go to stderr, one line each, whatever logging set-up a bundle workflow applies
+    to the root logger later (MONAI's ConfigWorkflow loads the bundle's logging.conf)."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
     )
@@ -81,13 +91,34 @@ def train(work: str, restart: bool = False, **overrides):
 
 
 def predict(
-    work: str, input: str, output: str, output_format: str = "nifti", overwrite: bool = False, **overrides
+    work: str,
+    input: str,
+    output: str,
+    output_format: str = "nifti",
+    overwrite: bool = False,
+    resume: bool = False,
+    preview: str | bool | None = None,
+    **overrides,
 ):
-    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom)."""
-    out = api.predict(
-        work, input, output, overwrite=overwrite, quiet=_QUIET, output_format=output_format, **overrides
+    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom); for a folder of volumes or a dataset.json INPUT, into the folder OUTPUT (--resume skips cases already done). --preview PNG writes coronal/sagittal views before and after."""
+    result = api.predict(
+        work,
+        input,
+        output,
+        overwrite=overwrite,
+        resume=resume,
+        quiet=_QUIET,
+        output_format=output_format,
+        preview=preview,
+        **overrides,
     )
-    print(f"wrote {out}")
+    if isinstance(result, dict):
+        print(
+            f"wrote {len(result['written'])} case(s) into {output}"
+            + (f"; skipped {len(result['skipped'])} already done" if result["skipped"] else "")
+        )
+    else:
+        print(f"wrote {result}")
 
 
 def evaluate(work: str, dataset: str, out: str | None = None, **overrides):
@@ -164,6 +195,25 @@ COMMANDS = {
 _QUIET = False
 
 
+def unknown_option(argv: list[str]) -> str | None:
+    """The first ``--name`` a command without config overrides does not take (fire would run the
+    command and complain afterwards); None when all are known or the command takes overrides."""
+    if not argv or argv[0] not in COMMANDS:
+        return None
+    parameters = inspect.signature(COMMANDS[argv[0]]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None  # train, predict, evaluate: the api checks overrides against the bundle's configs
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            negated = name[2:] if name.startswith("no") else None  # fire's --noflag for a boolean
+            if name != "help" and name not in parameters and negated not in parameters:
+                return arg.split("=", 1)[0]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     global _QUIET
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -172,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a not in ("--debug", "--quiet")]
     os.environ.setdefault("PAGER", "cat")  # fire pages --help through less on a terminal otherwise
     _setup_logging(_QUIET)
+    option = unknown_option(argv)
+    if option:
+        known = ", ".join(f"--{p}" for p in inspect.signature(COMMANDS[argv[0]]).parameters)
+        print(f"icmd_auto: error: {argv[0]} has no option {option} (its options: {known})", file=sys.stderr)
+        return 2
     try:
         fire.Fire(COMMANDS, command=argv, name="icmd_auto")
     except ICMDError as e:

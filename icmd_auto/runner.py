@@ -8,6 +8,7 @@ run the same configs in-process through ``monai.bundle.ConfigWorkflow`` (no seco
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import subprocess
@@ -53,27 +54,165 @@ def bundle_on_path(bundle: Path):
         _purge_scripts_modules()
 
 
-def run_workflow(bundle: Path, config_files: list[str], quiet: bool = False, **overrides) -> None:
-    """initialize / run / finalize a bundle workflow in this process."""
-    from monai.bundle import ConfigWorkflow
+# `monai.bundle run` options that are not config keys but may be passed like overrides
+RUN_OPTIONS = ("tracking",)
 
-    configs = [str(bundle / "configs" / name) for name in config_files]
-    overrides.setdefault("bundle_root", str(bundle))
+
+def _config_ids(node, prefix: str = "") -> list[str]:
+    """Every id of a config (``a``, ``a#b``, ``a#0``), as MONAI's ConfigParser addresses them."""
+    ids = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, value in items:
+        path = f"{prefix}{key}"
+        ids.append(path)
+        ids += _config_ids(value, path + "#")
+    return ids
+
+
+def check_overrides(bundle: Path, config_files: list[str], overrides: dict) -> None:
+    """Refuse an override whose key the configs do not have, before anything runs.
+
+    MONAI would add an unknown key silently, so a typo (``--icmd#gama``) would change nothing
+    and train or predict with the default.
+    """
+    from monai.bundle import ConfigParser
+
+    unknown = [key for key in overrides if key not in RUN_OPTIONS]
+    if not unknown:
+        return
+    parser = ConfigParser()
+    parser.read_config(f=[str(bundle / "configs" / name) for name in config_files])
+    unknown = [key for key in unknown if key not in parser]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, _config_ids(parser.get()), n=1, cutoff=0.7)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise ICMDError(
+            f"--{key}: no such key in {' + '.join(config_files)} of {bundle}{hint}; "
+            "overrides can only change keys the bundle's configs have"
+        )
+
+
+def config_value(bundle: Path, config_files: list[str], key: str, **overrides):
+    """A config value as the workflow would see it (overrides applied, expressions evaluated)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(f=[str(bundle / "configs" / name) for name in config_files])
+    parser.update({"bundle_root": str(bundle), **overrides})
     with bundle_on_path(bundle):
+        return parser.get_parsed_content(key)
+
+
+def error_summary(error: BaseException) -> str:
+    """``Type: message`` of the innermost cause (MONAI wraps errors in 'Failed to evaluate ...')."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+class WorkflowError(ICMDError):
+    """The bundle workflow raised; the message is the innermost cause, the traceback is chained."""
+
+
+class _ReportedByCaller(logging.Filter):
+    """Drops the workflow's own log of an exception it is about to raise.
+
+    MONAI's StatsHandler logs every engine exception with its traceback and Ignite logs a line
+    before re-raising; here the exception reaches the caller, which reports it once (one line,
+    or the traceback with --debug).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return False
+        return not (record.levelno >= logging.ERROR and record.name.startswith("ignite.engine"))
+
+
+def _all_handlers() -> set[logging.Handler]:
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    return {h for lg in loggers for h in lg.handlers}
+
+
+class InferenceSession:
+    """A bundle's inference workflow, initialised once (network built, weights loaded), run per case.
+
+    ``run(image)`` points the workflow's ``dataset`` at one image and runs its ``run`` expressions
+    again (ConfigWorkflow evaluates them afresh each time, for streaming use); the outputs land in
+    the ``output_dir`` override. After a failed case the workflow is rebuilt for the next one.
+    Errors raise WorkflowError naming the innermost cause.
+    """
+
+    def __init__(self, bundle: Path, config_files: list[str], quiet: bool = False, **overrides):
+        self.bundle, self.config_files, self.quiet = bundle, config_files, quiet
+        self.overrides = {"bundle_root": str(bundle), **overrides}
+        self.workflow = None
+        self._path = contextlib.ExitStack()
+
+    def _start(self, datalist: list[str]) -> None:
+        from monai.bundle import ConfigWorkflow
+
+        if self.quiet:  # MONAI's own logger announces the workflow at INFO
+            logging.getLogger("monai.bundle.workflows").setLevel(logging.WARNING)
+        configs = [str(self.bundle / "configs" / name) for name in self.config_files]
+        self._path.enter_context(bundle_on_path(self.bundle))
         workflow = ConfigWorkflow(
             config_file=configs if len(configs) > 1 else configs[0],
-            meta_file=str(bundle / "configs" / "metadata.json"),
-            logging_file=str(bundle / "configs" / "logging.conf"),
+            meta_file=str(self.bundle / "configs" / "metadata.json"),
+            logging_file=str(self.bundle / "configs" / "logging.conf"),
             workflow_type=None,
-            **overrides,
+            **{**self.overrides, "datalist": datalist},
         )
-        if quiet:
+        if self.quiet:
             logging.getLogger().setLevel(logging.WARNING)
         workflow.initialize()
+        self.workflow = workflow
+
+    def run(self, datalist: list[str]) -> None:
+        """Run the workflow on ``datalist`` (the images, in order)."""
         try:
-            workflow.run()
-        finally:
-            workflow.finalize()
+            if self.workflow is None:
+                self._start(datalist)
+            else:
+                self.workflow.parser.get_parsed_content("dataset").data = [{"image": p} for p in datalist]
+            reported = _ReportedByCaller()
+            handlers = _all_handlers()
+            for handler in handlers:
+                handler.addFilter(reported)
+            try:
+                self.workflow.run()
+            finally:
+                for handler in handlers:
+                    handler.removeFilter(reported)
+            # let the last case's tensors go before the next case is loaded
+            evaluator = self.workflow.parser.get_parsed_content("evaluator")
+            evaluator.state.batch = evaluator.state.output = None
+        except Exception as e:
+            self.close()
+            raise WorkflowError(error_summary(e)) from e
+
+    def close(self) -> None:
+        if self.workflow is not None:
+            with contextlib.suppress(Exception):
+                self.workflow.finalize()
+            self.workflow = None
+        self._path.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_workflow(bundle: Path, config_files: list[str], quiet: bool = False, **overrides) -> None:
+    """initialize / run / finalize a bundle workflow in this process (over its ``datalist``)."""
+    datalist = overrides.pop("datalist")
+    with InferenceSession(bundle, config_files, quiet=quiet, **overrides) as session:
+        session.run(datalist)
 
 
 def _override_args(overrides: dict) -> list[str]:

@@ -60,6 +60,17 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     )
 
 
+def run_main(capfd, *args: str) -> subprocess.CompletedProcess:
+    """The `icmd_auto` command run in this process: its ``main()``, which `python -m icmd_auto` exits
+    with, so the same exit code and output, without the seconds a new process spends importing."""
+    from icmd_auto import cli
+
+    capfd.readouterr()  # only this command's output
+    code = cli.main(list(args))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["icmd_auto", *args], code, out, err)
+
+
 def run_bundle(
     bundle: Path, configs: list[str], overrides: dict, timeout: int = 900
 ) -> subprocess.CompletedProcess:
