@@ -77,12 +77,19 @@ def stored_dtype(path: str | Path) -> np.dtype:
     return np.dtype(np.int16)
 
 
-def cast_to_dtype(volume: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
-    """Round and clip to an integer dtype's range, or cast to a float dtype."""
+def cast_to_dtype(volume: torch.Tensor, dtype: np.dtype, inplace: bool = False) -> torch.Tensor:
+    """Round and clip to an integer dtype's range, or cast to a float dtype.
+
+    ``inplace``: round and clip ``volume`` itself (a float tensor the caller no longer needs), so
+    that only the result in ``dtype`` is allocated.
+    """
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        volume = torch.round(volume).clamp(info.min, info.max)
+        if inplace and volume.is_floating_point():
+            volume = volume.round_().clamp_(info.min, info.max)
+        else:
+            volume = torch.round(volume).clamp(info.min, info.max)
     return volume.to(getattr(torch, dtype.name))
 
 

@@ -84,17 +84,25 @@ class FinalizeSynthesisd(MapTransform):
         z = source.shape[-1]
         length = (z - 1) * self.factor + 1
         for key in self.key_iterator(d):
-            pred = torch.as_tensor(d[key]).detach().float()[..., :length].cpu()
-            hu = (pred * self.std + self.mean).clamp(self.clip_low, self.clip_high)
+            pred = d[key]
+            pred = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
+            # in place on the sliding-window output, which nothing reads after this (a copy only when
+            # it is not float32 on the CPU): a 512x512x1197 volume is 1.2 GB per float32 copy
+            pred = pred.detach()[..., :length]
+            if pred.dtype != torch.float32 or pred.device.type != "cpu":
+                pred = pred.float().cpu()
+            hu = pred.mul_(self.std).add_(self.mean).clamp_(self.clip_low, self.clip_high)
             if self.dtype == "auto":
                 filename = source.meta.get("filename_or_obj", "") if isinstance(source, MetaTensor) else ""
                 dtype = stored_dtype(filename) if filename else np.dtype(np.float32)
             else:
                 dtype = np.dtype(self.dtype)
-            out = cast_to_dtype(hu, dtype)
+            out = cast_to_dtype(hu, dtype, inplace=True)
+            del hu, pred
             out[..., :: self.factor] = cast_to_dtype(torch.as_tensor(source).detach().cpu(), dtype)
             meta = dict(source.meta) if isinstance(source, MetaTensor) else {}
             affine = upsampled_affine(_affine(source), self.factor)
+            meta.pop("affine", None)  # given below; MetaTensor warns when both carry one
             meta["spatial_shape"] = np.asarray(out.shape[1:])
             meta["original_affine"] = affine.numpy()
             d[key] = MetaTensor(out, affine=affine, meta=meta)
