@@ -88,3 +88,12 @@ def test_single_view_fusions(fusion):
     syn = torch.ones(12, dtype=torch.bool)
     syn[::3] = False
     assert torch.allclose(out[..., syn], expected[..., syn], atol=1e-6)
+
+
+def test_intensities_beyond_the_window_pass_through_the_linear_base():
+    """Bone brighter than the window's top keeps its value: only the feature branches are clamped."""
+    net = net_mod.ICMDNet(2, axial=TINY_A, planar=TINY_P, input_window=(-1.0, 1.0)).eval()
+    volume = torch.full((1, 1, 16, 16, 4), 5.0)  # 5 std above the mean, far beyond the window
+    with torch.no_grad():
+        out = net(volume)
+    assert torch.allclose(out, torch.full_like(out, 5.0), atol=1e-5)

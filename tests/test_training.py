@@ -131,6 +131,10 @@ def changed(terms, default, keys):
         ({"icmd#axial_slices": 4}, lambda n, t, d: n.axial.in_slices == 4 and changed(t, d, ["int_a"])),
         ({"icmd#cmd_planes": 2}, lambda n, t, d: changed(t, d, ["cmd_c", "cmd_s"])),
         ({"icmd#factor": 2}, lambda n, t, d: n.factor == 2 and changed(t, d, ["int_a"])),
+        (
+            {"intensity#clip_low": -0.5, "intensity#mean": 0.0, "intensity#std": 1.0},
+            lambda n, t, d: n.coronal.input_window == (-0.5, 1500.0) and changed(t, d, ["int_c"]),
+        ),
     ],
     ids=lambda v: ",".join(f"{k}={v}" for k, v in v.items()) if isinstance(v, dict) else "",
 )

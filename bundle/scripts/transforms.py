@@ -53,13 +53,15 @@ class FinalizeSynthesisd(MapTransform):
     """Network output -> the thin-slice volume a user keeps.
 
     ``keys``: the prediction (1, X, Y, r*Z) in standardised units. Steps: crop to the covered
-    (Z-1)*r+1 slices, map back to HU (inverse of the standardisation, clipped to its window),
+    (Z-1)*r+1 slices, map back to HU (inverse of the standardisation; clamped to the intensity
+    window only with ``clip_image``, when the network saw a clipped image),
     copy every known slice bit-for-bit from ``source_key`` (the input in HU, before
     standardisation), cast to the input's stored dtype, and set the output affine (slice axis
     column / r; same orientation and origin).
 
     Args:
         dtype: "auto" (the input file's dtype; int16 for DICOM), or a numpy dtype name.
+        clip_image: clamp the output to [clip_low, clip_high] (``intensity#clip_image``).
     """
 
     def __init__(
@@ -72,11 +74,12 @@ class FinalizeSynthesisd(MapTransform):
         mean: float,
         std: float,
         dtype: str = "auto",
+        clip_image: bool = False,
     ):
         super().__init__(keys)
         self.source_key, self.factor = source_key, factor
         self.clip_low, self.clip_high, self.mean, self.std = clip_low, clip_high, mean, std
-        self.dtype = dtype
+        self.dtype, self.clip_image = dtype, clip_image
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -91,7 +94,9 @@ class FinalizeSynthesisd(MapTransform):
             pred = pred.detach()[..., :length]
             if pred.dtype != torch.float32 or pred.device.type != "cpu":
                 pred = pred.float().cpu()
-            hu = pred.mul_(self.std).add_(self.mean).clamp_(self.clip_low, self.clip_high)
+            hu = pred.mul_(self.std).add_(self.mean)
+            if self.clip_image:  # the network only ever saw the window: keep its output inside it
+                hu = hu.clamp_(self.clip_low, self.clip_high)
             if self.dtype == "auto":
                 filename = source.meta.get("filename_or_obj", "") if isinstance(source, MetaTensor) else ""
                 dtype = stored_dtype(filename) if filename else np.dtype(np.float32)

@@ -33,6 +33,7 @@ class AxialSliceInterpolator(nn.Module):
         groups: residual groups at the bottleneck before and after the memory read-out.
         blocks: channel-attention blocks per group.
         mem_items: L, the memory bank's items; 0 means no memory bank.
+        input_window: (low, high) the encoder clamps its input to; the linear base is unclamped.
     """
 
     def __init__(
@@ -44,8 +45,10 @@ class AxialSliceInterpolator(nn.Module):
         blocks: int = 2,
         mem_items: int = 10,
         reduction: int = 8,
+        input_window: tuple[float, float] | None = None,
     ):
         super().__init__()
+        self.input_window = tuple(input_window) if input_window is not None else None
         if in_slices not in (2, 4):
             raise ValueError(f"in_slices must be 2 or 4, got {in_slices}")
         self.factor, self.in_slices = factor, in_slices
@@ -69,7 +72,8 @@ class AxialSliceInterpolator(nn.Module):
     def forward(self, slices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x_size, y_size = slices.shape[-2:]
         pad_x, pad_y = (-x_size) % DOWNSAMPLING, (-y_size) % DOWNSAMPLING
-        x = F.pad(slices, (0, pad_y, 0, pad_x), mode="replicate") if pad_x or pad_y else slices
+        x = slices.clamp(*self.input_window) if self.input_window else slices
+        x = F.pad(x, (0, pad_y, 0, pad_x), mode="replicate") if pad_x or pad_y else x
         e1 = self.down1(x)
         e2 = self.down2(e1)
         e3 = self.encoder(self.down3(e2))

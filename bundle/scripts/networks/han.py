@@ -42,11 +42,23 @@ class HANInterpolator(nn.Module):
         groups: residual groups.
         blocks: channel-attention blocks per group.
         reduction: channel-attention squeeze ratio.
+        input_window: (low, high) the feature branch clamps its input to (standardised units);
+            the linear base uses the input unclamped, so bone or metal beyond the window keep
+            their values instead of being cut at the window's edge.
     """
 
-    def __init__(self, factor: int, width: int = 32, groups: int = 2, blocks: int = 2, reduction: int = 8):
+    def __init__(
+        self,
+        factor: int,
+        width: int = 32,
+        groups: int = 2,
+        blocks: int = 2,
+        reduction: int = 8,
+        input_window: tuple[float, float] | None = None,
+    ):
         super().__init__()
         self.factor = factor
+        self.input_window = tuple(input_window) if input_window is not None else None
         self.head = nn.Conv2d(1, width, 3, padding=1)
         self.groups = nn.ModuleList([ResidualGroup(width, blocks, reduction) for _ in range(groups)])
         self.layer_attention = LayerAttention(width, groups)
@@ -59,7 +71,8 @@ class HANInterpolator(nn.Module):
         nn.init.zeros_(self.tail.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        head = self.head(x)
+        # features see the intensity window; the linear base carries what lies outside it
+        head = self.head(x.clamp(*self.input_window) if self.input_window else x)
         feats, outs = head, []
         for group in self.groups:
             feats = group(feats)

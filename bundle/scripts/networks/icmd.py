@@ -42,6 +42,8 @@ class ICMDNet(nn.Module):
         axial_slices: known slices G_a sees, 2 or 4.
         plane_chunk: planes (or slice pairs) per network call at inference, 0 = all at once;
             bounds the peak memory of large windows.
+        input_window: (low, high) in standardised units: the view networks' feature branches
+            see intensities clamped to it (nnU-Net's CT window); their linear base does not.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class ICMDNet(nn.Module):
         mem_items: int = 10,
         axial_slices: int = 2,
         plane_chunk: int = 0,
+        input_window: tuple[float, float] | list[float] | None = None,
     ):
         super().__init__()
         if factor < 2:
@@ -76,10 +79,14 @@ class ICMDNet(nn.Module):
             if "a" in views
             else None
         )
-        self.coronal = HANInterpolator(factor, **(planar or {})) if ("c" in views or "s" in views) else None
+        self.coronal = (
+            HANInterpolator(factor, input_window=input_window, **(planar or {}))
+            if ("c" in views or "s" in views)
+            else None
+        )
         self.sagittal = None
         if "s" in views and not share_cs:
-            self.sagittal = HANInterpolator(factor, **(planar or {}))
+            self.sagittal = HANInterpolator(factor, input_window=input_window, **(planar or {}))
 
     # --- the three views, each (B, 1, X, Y, Z) -> (B, 1, X, Y, r*Z) -------------------------
 
