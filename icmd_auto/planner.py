@@ -336,39 +336,85 @@ def decide_schedule(
     return value, reason + f"; distillation level n starts after {level_start_epochs} epochs"
 
 
+# Peak memory of inference on the CPU, measured with the small preset (docs/PERFORMANCE.md). As for
+# training, the budget is for the data: the process itself (torch, MONAI, the network) adds ~0.7 GB.
+# window-sized float32 buffers alive at once (ICMDNet's view outputs and their sum, MONAI's weighted
+# window and its weights): measured 6 to 9
+WINDOW_OUTPUT_COPIES = 10
+PLANE_FEATURE_MAPS = 4  # live G_c/G_s feature maps per pixel of the planes in one call (measured 3.2)
+MAX_PLANE_CHUNK = 32  # planes per network call; larger calls are barely faster on a CPU
+WINDOW_OVERLAP = 0.25
+
+
+def inference_memory_bytes(
+    shape: list[int], factor: int, window_xy: tuple[int, int], plane_chunk: int, planar_width: int
+) -> float:
+    """Estimated peak memory (beyond the process's own) of predicting a volume ``shape`` (X, Y, Z)
+    with in-plane windows ``window_xy`` that span the whole z-range.
+
+    The volume part: MONAI's sliding-window sum and count map, float32 at r x the slices, and
+    the standardised input with its HU copy. The window part: WINDOW_OUTPUT_COPIES window
+    outputs, and ``plane_chunk`` planes of G_c/G_s feature maps.
+    """
+    x, y, z = (int(s) for s in shape)
+    z_out = z * factor
+    wx, wy = window_xy
+    volume = 8.0 * x * y * z_out + 8.0 * x * y * z
+    window = 4.0 * wx * wy * z_out * WINDOW_OUTPUT_COPIES
+    planes = 4.0 * plane_chunk * max(wx, wy) * z_out * planar_width * PLANE_FEATURE_MAPS
+    return volume + window + planes
+
+
+def window_count(size: int, window: int, overlap: float = WINDOW_OVERLAP) -> int:
+    """How many windows MONAI's sliding-window inference places along an axis of ``size``."""
+    from monai.data.utils import dense_patch_slices
+
+    if window >= size:
+        return 1
+    interval = max(int(window * (1 - overlap)), 1)
+    return len(dense_patch_slices((size,), (window,), (interval,)))
+
+
 def decide_sliding_window(
     net_planar_width: int, factor: int, max_shape: list[int], memory_gb: float
 ) -> tuple[dict, str]:
-    """Window (xy) and plane chunk so that the whole prediction stays within the budget.
+    """Window (xy) and plane chunk: the least computation (windows overlap) within the memory budget.
 
-    The output volume is held three times (the sliding-window sum, its weights, the HU copy);
-    the rest of the budget goes to one window's activations, about
-    plane_chunk x window x (Z*r) x width x 4 bytes x 6 live feature maps for G_c / G_s.
+    Windows span the whole z-range. Of the in-plane sizes whose estimated peak memory
+    (inference_memory_bytes) fits the budget with at least 8 planes per network call, the one
+    whose windows cover the least area in all is taken (overlapping windows compute their
+    overlap twice), the larger window on a tie; the plane chunk is then as large as fits, up to
+    MAX_PLANE_CHUNK.
     """
     x, y, z = (int(s) for s in max_shape)
-    z_out = z * factor
-    fixed = x * y * z_out * 4 * 3 + x * y * z * 4 * 3
     budget = memory_gb * 2**30
-    room = budget - fixed
-    if room <= 0:
-        raise PlanningError(
-            f"the memory budget {memory_gb:g} GB cannot hold the largest case's output ({x}x{y}x{(z - 1) * factor + 1} "
-            f"voxels, about {fixed / 2**30:.1f} GB with the sliding-window buffers); raise --memory_gb"
-        )
-    per_plane_voxel = net_planar_width * 4 * 6
+    options = []
     for wxy in WINDOW_XY_CANDIDATES:
-        w = min(wxy, max(x, y))
-        chunk = int(room / (w * z_out * per_plane_voxel))
-        if chunk >= 8 or wxy == WINDOW_XY_CANDIDATES[-1]:
-            chunk = max(min(chunk, 256), 1)
-            roi = [min(wxy, x) if x >= 8 else x, min(wxy, y) if y >= 8 else y, -1]
-            reason = (
-                f"windows span the whole z-range (no window edge between known slices); {roi[0]}x{roi[1]} "
-                f"in-plane with {chunk} planes per network call keeps the largest case ({x}x{y}x{z}) within "
-                f"{memory_gb:g} GB (output buffers about {fixed / 2**30:.2f} GB)"
-            )
-            return {"roi_size": roi, "sw_batch_size": 1, "overlap": 0.25, "plane_chunk": chunk}, reason
-    raise AssertionError("unreachable")
+        window = (min(wxy, x), min(wxy, y))
+        fixed = inference_memory_bytes(max_shape, factor, window, 0, net_planar_width)
+        per_plane = inference_memory_bytes(max_shape, factor, window, 1, net_planar_width) - fixed
+        chunk = min(int((budget - fixed) // per_plane), MAX_PLANE_CHUNK)
+        if chunk >= 1:
+            area = window_count(x, window[0]) * window_count(y, window[1]) * window[0] * window[1]
+            options.append((chunk < 8, area, -window[0] * window[1], window, chunk))
+    if not options:
+        need = inference_memory_bytes(max_shape, factor, (min(64, x), min(64, y)), 1, net_planar_width)
+        raise PlanningError(
+            f"the memory budget {memory_gb:g} GB cannot hold the prediction of the largest case ({x}x{y}x"
+            f"{(z - 1) * factor + 1} voxels out, about {need / 2**30:.1f} GB with the smallest window); "
+            "raise --memory_gb"
+        )
+    _, area, _, window, chunk = min(options)
+    need = inference_memory_bytes(max_shape, factor, window, chunk, net_planar_width)
+    windows = window_count(x, window[0]) * window_count(y, window[1])
+    reason = (
+        f"windows span the whole z-range (no window edge between known slices); {windows} window(s) of "
+        f"{window[0]}x{window[1]} in-plane (overlap {WINDOW_OVERLAP:g}; {area / (x * y):.2f}x the image's area "
+        f"computed, the least of the sizes that fit) with {chunk} planes per network call: estimated peak "
+        f"{need / 2**30:.2f} GB for the largest case ({x}x{y}x{z}) within {memory_gb:g} GB (plus the process, about 0.7 GB)"
+    )
+    value = {"roi_size": [window[0], window[1], -1], "sw_batch_size": 1, "overlap": WINDOW_OVERLAP}
+    return value | {"plane_chunk": chunk}, reason
 
 
 def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:

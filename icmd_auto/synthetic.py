@@ -12,22 +12,32 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+# Gaussian blur (the reconstruction kernel), mm
+BLUR_MM = 0.6
+
 
 def ct_phantom(
     shape: tuple[int, int, int] = (96, 96, 72),
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
     seed: int = 0,
+    z_range: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """A (X, Y, Z) int16 volume in HU."""
+    """A (X, Y, Z) int16 volume in HU.
+
+    ``z_range`` (start, stop): only those slices of the phantom of ``shape`` (ct_phantom_large
+    builds big volumes from such pieces; the blur there is exact, the noise is drawn per piece).
+    """
     rng = np.random.default_rng(seed)
     nx, ny, nz = shape
+    z0, z1 = z_range or (0, nz)
+    local = (nx, ny, z1 - z0)
     x = (np.arange(nx) - nx / 2) * spacing[0]
     y = (np.arange(ny) - ny / 2) * spacing[1]
-    z = (np.arange(nz) - nz / 2) * spacing[2]
+    z = (np.arange(z0, z1) - nz / 2) * spacing[2]
     X, Y, Z = np.meshgrid(x, y, z, indexing="ij")
     fov = min(nx * spacing[0], ny * spacing[1]) / 2
     zn = Z / max(nz * spacing[2] / 2, 1e-6)  # -1..1 along the body axis
-    vol = np.full(shape, -1000.0)
+    vol = np.full(local, -1000.0)
     # torso: an ellipse whose size breathes along z
     ax, ay = 0.85 * fov * (1 + 0.08 * np.sin(2.1 * zn)), 0.62 * fov * (1 + 0.06 * np.cos(1.7 * zn))
     r_body = (X / ax) ** 2 + (Y / ay) ** 2
@@ -74,9 +84,26 @@ def ct_phantom(
     rib_phase = (Z + 18.0 * np.cos(angle) + 1000) % 22.0
     vol[wall & (rib_phase < 5.0) & (Y < 0.35 * ay)] = 700.0
     # acquisition: a little blur (reconstruction kernel) and noise
-    vol = gaussian_filter(vol, sigma=[0.6 / s for s in spacing])
-    vol += rng.normal(0, 12.0, size=shape)
+    vol = gaussian_filter(vol, sigma=[BLUR_MM / s for s in spacing])
+    noise = rng if z_range is None else np.random.default_rng([seed, z0])
+    vol += noise.normal(0, 12.0, size=local)
     return np.clip(np.round(vol), -1024, 3071).astype(np.int16)
+
+
+def ct_phantom_large(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int = 0, chunk: int = 32
+) -> np.ndarray:
+    """ct_phantom for volumes too large for its float64 grids (a 512x512x300 phantom in one piece
+    peaks near 12 GB): built ``chunk`` slices at a time, each with the margin the blur reaches."""
+    nz = shape[2]
+    margin = int(4.0 * BLUR_MM / spacing[2] + 0.5) + 1  # scipy's gaussian_filter truncates at 4 sigma
+    volume = np.empty(shape, np.int16)
+    for start in range(0, nz, chunk):
+        stop = min(start + chunk, nz)
+        lo, hi = max(start - margin, 0), min(stop + margin, nz)
+        piece = ct_phantom(shape, spacing, seed, z_range=(lo, hi))
+        volume[:, :, start:stop] = piece[:, :, start - lo : stop - lo]
+    return volume
 
 
 def save_nifti(volume: np.ndarray, spacing: tuple[float, float, float], path: str) -> None:
