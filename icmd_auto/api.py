@@ -187,7 +187,7 @@ def _batch_jobs(
 ) -> list[PredictionJob]:
     if output.exists() and not output.is_dir():
         raise ICMDError(f"{output}: for several inputs the output is a folder; this is a file")
-    if output == input or (input.is_file() and output == input.parent):
+    if output == input:
         raise ICMDError(
             f"{output}: write the outputs to another folder than the inputs (they would be read as inputs next time)"
         )

@@ -140,7 +140,7 @@ def _all_handlers() -> set[logging.Handler]:
 class InferenceSession:
     """A bundle's inference workflow, initialised once (network built, weights loaded), run per case.
 
-    ``run(image)`` points the workflow's ``dataset`` at one image and runs its ``run`` expressions
+    ``run(datalist)`` points the workflow's ``dataset`` at the images and runs its ``run`` expressions
     again (ConfigWorkflow evaluates them afresh each time, for streaming use); the outputs land in
     the ``output_dir`` override. After a failed case the workflow is rebuilt for the next one.
     Errors raise WorkflowError naming the innermost cause.
