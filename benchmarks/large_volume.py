@@ -6,7 +6,7 @@
 Steps, each an `icmd_auto` command (printed as it runs):
   1. a 512 x 512 x S int16 phantom at 0.7 x 0.7 x 2.8 mm (icmd_auto/synthetic.py, built in pieces
      so that making it does not need more memory than predicting it);
-  2. `icmd_auto plan --preset small --epochs 1` (the default CPU preset; the sliding window and
+  2. `icmd_auto plan --preset small --epochs 1` (--preset; small is the default CPU preset; the sliding window and
      plane chunk come from --memory_gb, or from the default budget when it is not given);
   3. `icmd_auto train --epochs 1 --iterations_per_epoch 1` (the weights change neither memory nor time);
   4. `/usr/bin/time -v icmd_auto predict ...`, its stderr on a pseudo-terminal so the progress bar
@@ -130,7 +130,7 @@ def main() -> None:
             "--work",
             str(work),
             "--preset",
-            "small",
+            args.preset,
             "--epochs",
             "1",
             *budget,

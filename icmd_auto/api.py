@@ -46,7 +46,8 @@ def plan(dataset: str | Path, work: str | Path, **options) -> dict:
     """Check the dataset, write fingerprint.json and plans.json, and generate ``<work>/bundle``.
 
     Options (all optional): factor, target_spacing_z, slice_profile, preset, time_budget_min,
-    memory_gb, epochs, seed, method (a dict of icmd#... overrides).
+    memory_gb, epochs, seed, recipe (a key of planner.RECIPES), method (a dict of icmd#...
+    overrides over the recipe).
     """
     spec = read_dataset_json(dataset)
     opts = PlanOptions(**options)

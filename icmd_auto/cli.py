@@ -50,6 +50,7 @@ def plan(
     memory_gb: float | None = None,
     epochs: int | None = None,
     seed: int = 0,
+    recipe: str | None = None,
 ):
     """Check a dataset.json, fingerprint it, plan the experiment and generate WORK/bundle."""
     plans = api.plan(
@@ -63,9 +64,11 @@ def plan(
         memory_gb=memory_gb,
         epochs=epochs,
         seed=seed,
+        recipe=recipe,
     )
     t = plans["training"]["value"]
     print(f"plan: factor {plans['factor']['value']} ({plans['factor']['reason']})")
+    print(f"      recipe {plans['recipe']['value']} ({plans['recipe']['reason'].split(';')[0]})")
     print(
         f"      preset {plans['preset']['value']}, patch {plans['patch_size']['value']} x batch "
         f"{plans['batch_size']['value']}, {t['epochs']} epochs x {t['iterations_per_epoch']} iterations"

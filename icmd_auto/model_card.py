@@ -113,9 +113,8 @@ def _trained_for(bundle: Path) -> str:
     if not lines:
         return "not recorded (no logs/train_metrics.jsonl)"
     last = json.loads(lines[-1])
-    return (
-        f"{last['epoch']} epochs, {last['iteration']} iterations; last logged loss {last['total']:.4g} "
-        f"(distillation stage {last['stage']})"
+    return f"{last['epoch']} epochs, {last['iteration']} iterations; last logged loss {last['total']:.4g}" + (
+        f" (distillation stage {last['stage']})" if last.get("cmd_c") or last.get("cmd_s") else ""
     )
 
 
@@ -127,20 +126,38 @@ def model_card(bundle: Path, work: Path, meta: dict, report: dict | None, report
     icmd, arch = train["icmd"], train["architecture"]
     factor = icmd["factor"]
     intensity = train["intensity"]
+    views = icmd.get("views", ["a", "c", "s"])
+    networks = []
+    if "a" in views:
+        networks.append(
+            f"G_a width {arch['axial']['width']}, {arch['axial']['groups']} group(s) x "
+            f"{arch['axial']['blocks']} block(s)"
+        )
+    if {"c", "s"} & set(views):
+        networks.append(
+            f"G_c/G_s width {arch['planar']['width']}, {arch['planar']['groups']} group(s) x "
+            f"{arch['planar']['blocks']} block(s)"
+        )
+    pairs = [
+        name
+        for key, name in (("internal_pairs", "internal pairs"), ("inplane_pairs", "in-plane pairs"))
+        if icmd.get(key)
+    ]
+    distilled = "a" in views and icmd.get("lambda_cmd", 0) > 0 and icmd.get("cmd_views")
+    schedule = (
+        f"{icmd['num_levels']} distillation level(s), gamma {icmd['gamma']}"
+        if distilled
+        else "no distillation"
+    )
     facts = [
         ("factor", f"x{factor}: {factor - 1} synthesized slices between neighbouring input slices"),
         ("training data", _training_data(work)),
-        (
-            "networks",
-            f"G_a width {arch['axial']['width']}, {arch['axial']['groups']} group(s) x "
-            f"{arch['axial']['blocks']} block(s); G_c/G_s width {arch['planar']['width']}, "
-            f"{arch['planar']['groups']} group(s) x {arch['planar']['blocks']} block(s)",
-        ),
+        ("networks", "; ".join(networks) + f"; fusion {icmd.get('fusion', 'mean3')}"),
         (
             "training",
             f"patch {' x '.join(str(p) for p in train['patch_size'])}, batch {train['batch_size']}, "
             f"{train['epochs']} epochs x {train['iterations_per_epoch']} iterations, Adam lr "
-            f"{train['learning_rate']:g} (cosine), {icmd['num_levels']} distillation level(s), gamma {icmd['gamma']}",
+            f"{train['learning_rate']:g} (cosine), G_c/G_s on {' and '.join(pairs) or 'no pairs'}, {schedule}",
         ),
         ("trained for", _trained_for(bundle)),
         (

@@ -118,7 +118,7 @@ def tiny_work(tmp_path_factory, chest_x3) -> Path:
 
     root = tmp_path_factory.mktemp("tiny_work")
     dataset = write_dataset(root / "dataset.json", [chest_x3], test=[CHEST])
-    api.plan(dataset, root / "work", preset="tiny", memory_gb=4)
+    api.plan(dataset, root / "work", preset="tiny", memory_gb=4, recipe="icmd")  # all three views
     result = run_bundle(root / "work" / "bundle", ["train.json"], TINY_TRAIN)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / "work"

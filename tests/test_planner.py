@@ -8,7 +8,7 @@ import pytest
 from conftest import CHEST, requires_shared_data, run_cli, write_dataset
 from monai.bundle import ConfigParser
 
-from icmd_auto import api
+from icmd_auto import api, planner
 from icmd_auto.dataset import read_dataset_json
 from icmd_auto.errors import PlanningError
 from icmd_auto.fingerprint import dataset_fingerprint
@@ -117,3 +117,24 @@ def test_plan_api_writes_bundle_for_a_forced_factor(tmp_path):
     assert plans["factor"]["value"] == 2
     inference = json.loads((tmp_path / "work" / "bundle" / "configs" / "inference.json").read_text())
     assert inference["icmd"]["factor"] == 2
+
+
+def test_recipe_default_is_the_measured_one_and_icmd_gives_the_papers_method(tmp_path):
+    path = tmp_path / "thick.nii.gz"
+    save_nifti(ct_phantom((48, 48, 12), (1.0, 1.0, 3.0)), (1.0, 1.0, 3.0), str(path))
+    dataset = write_dataset(tmp_path / "dataset.json", [path])
+    default = api.plan(dataset, tmp_path / "default", preset="tiny")
+    assert default["recipe"]["value"] == planner.DEFAULT_RECIPE == "inplane"
+    assert "docs/RESULTS.md" in default["recipe"]["reason"]
+    train = json.loads((tmp_path / "default" / "bundle" / "configs" / "train.json").read_text())
+    assert train["icmd"]["views"] == ["c", "s"] and train["icmd"]["inplane_pairs"] is True
+    assert train["icmd"]["lambda_cmd"] == 0.0 and train["icmd"]["fusion"] == "mean_cs"
+
+    paper = api.plan(dataset, tmp_path / "paper", preset="tiny", recipe="icmd", method={"gamma": 0.5})
+    assert paper["recipe"]["value"] == "icmd" and "given" in paper["recipe"]["reason"]
+    train = json.loads((tmp_path / "paper" / "bundle" / "configs" / "train.json").read_text())
+    assert train["icmd"]["views"] == ["a", "c", "s"] and train["icmd"]["fusion"] == "mean3"
+    assert train["icmd"]["lambda_cmd"] == 0.15 and train["icmd"]["gamma"] == 0.5
+
+    result = run_cli("plan", "--dataset", str(dataset), "--work", str(tmp_path / "x"), "--recipe", "seed")
+    assert result.returncode == 1 and "unknown recipe 'seed'" in result.stderr.strip().splitlines()[-1]

@@ -43,7 +43,14 @@ def thick_crop(tmp_path_factory):
 
 def planned(tmp_path, thick, name):
     work = tmp_path / name
-    api.plan(write_dataset(tmp_path / f"{name}.json", [thick]), work, preset="tiny", memory_gb=2, seed=7)
+    api.plan(
+        write_dataset(tmp_path / f"{name}.json", [thick]),
+        work,
+        preset="tiny",
+        memory_gb=2,
+        seed=7,
+        recipe="icmd",
+    )
     return work
 
 

@@ -22,7 +22,13 @@ def crop_work(tmp_path_factory):
         pytest.skip("real CT test data not found")
     root = tmp_path_factory.mktemp("crop")
     thick = thicken(CHEST, root / "chest_crop_x3.nii.gz", 3, crop=(64, 64))
-    api.plan(write_dataset(root / "dataset.json", [thick]), root / "work", preset="tiny", memory_gb=2)
+    api.plan(
+        write_dataset(root / "dataset.json", [thick]),
+        root / "work",
+        preset="tiny",
+        memory_gb=2,
+        recipe="icmd",
+    )
     return root / "work"
 
 
