@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
 import sys
 import tempfile
@@ -83,6 +84,7 @@ ABLATION_ROWS = {
     "seed, gamma 0.5": ("icmd", {**SEED, "gamma": 0.5}, ()),
     "seed, gamma 1.0": ("icmd", {**SEED, "gamma": 1.0}, ()),
     "seed, L1 pixel loss": ("icmd", {**SEED, "pixel_loss": "l1"}, ()),
+    "in-plane (the default recipe)": ("inplane", {}, ()),  # the reference for the two below, at their budget
     "in-plane, L1 pixel loss": ("inplane", {"pixel_loss": "l1"}, ()),
     "in-plane, slab-average profile": ("inplane", {"slice_profile": "average"}, ()),
 }
@@ -296,6 +298,11 @@ def main() -> None:
         "--report_from", default=None, help="only rewrite --out from this JSON record of a run"
     )
     parser.add_argument(
+        "--add_to",
+        default=None,
+        help="also add this run's model rows to that JSON record (e.g. docs/results.json), with the command",
+    )
+    parser.add_argument(
         "--out", default=None, help="default docs/RESULTS.md (--quick: docs/RESULTS_quick.md)"
     )
     parser.add_argument(
@@ -313,7 +320,7 @@ def main() -> None:
     for name in ("icmd_auto", "ignite", "monai"):
         logging.getLogger(name).setLevel(logging.WARNING)
     log.setLevel(logging.INFO)  # quiet predicts raise the root logger to WARNING
-    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     missing = [v for v in args.volumes if not VOLUMES[v].exists()]
     if missing:
         sys.exit(
@@ -402,13 +409,18 @@ def main() -> None:
                         linear = scripts.evaluation.interpolate_z(
                             torch.from_numpy(thick), factor, "linear"
                         ).numpy()
-                        fig = REPO / "docs" / "figures" / f"{volume}_x{factor}.png"
+                        # beside the report, in figures/ (a report other than RESULTS.md prefixes its name)
+                        out = Path(args.out).absolute()
+                        prefix = "" if out.name == "RESULTS.md" else f"{out.stem}_"
+                        fig = out.parent / "figures" / f"{prefix}{volume}_x{factor}.png"
                         fig.parent.mkdir(parents=True, exist_ok=True)
                         coronal_figure(reference, linear, pred, fig)
-                        figures.append(str(fig.relative_to(REPO)))
+                        figures.append(f"figures/{fig.name}")
                     Path(args.json).write_text(json.dumps(record, indent=1))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if args.add_to:
+        add_rows(Path(args.add_to), record)
     record["hours"] = (time.time() - started) / 3600
     record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     Path(args.json).write_text(json.dumps(record, indent=1))
@@ -440,6 +452,10 @@ def report(record: dict) -> str:
                 if record.get("peak_rss_gb")
                 else "."
             ),
+            *[
+                f"Row `{a['row']}` ({a['volume']}, x{a['factor']}) added to this record by `{a['command']}`."
+                for a in record.get("added", [])
+            ],
             "",
             "### Gain over linear interpolation (synthesized slices) and speed",
             "",
@@ -450,10 +466,30 @@ def report(record: dict) -> str:
             table(results, list(results), factors, all_rows),
             "### Figures (middle coronal plane; window [-1000, 1000] HU; errors 0..500 HU)",
             "",
-            *[f"![{Path(f).stem}](figures/{Path(f).name})" for f in record.get("figures", [])],
+            *[f"![{Path(f).stem}]({f})" for f in record.get("figures", [])],
             "",
         ]
     )
+
+
+def add_rows(target: Path, record: dict) -> None:
+    """Merge the model rows of ``record`` into the record at ``target``, noting the command."""
+    main = json.loads(target.read_text())
+    for volume, by_r in record["results"].items():
+        for factor, rows in by_r.items():
+            for row, entry in rows.items():
+                if row in scripts.evaluation.BASELINES:
+                    continue
+                main["results"].setdefault(volume, {}).setdefault(factor, {})[row] = entry
+                if "[fusion" not in row:
+                    added = {
+                        "row": row,
+                        "volume": volume,
+                        "factor": int(factor),
+                        "command": record["command"],
+                    }
+                    main.setdefault("added", []).append(added)
+    target.write_text(json.dumps(main, indent=1))
 
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"

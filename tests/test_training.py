@@ -174,3 +174,17 @@ def test_level_start_epochs_drive_the_stage():
     schedule = scripts.handlers.DistillationSchedule([2, 5], gamma=0.5)
     assert [schedule.stage_at(e) for e in range(7)] == [0, 0, 1, 1, 1, 2, 2]
     assert scripts.handlers.DistillationSchedule([0, 0]).stage_at(0) == 2
+
+
+def test_schedule_says_when_the_configuration_does_not_distil(caplog):
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=1))
+    with caplog.at_level("INFO"):
+        scripts.handlers.DistillationSchedule([0, 0], name="off", active=False)(engine)
+        scripts.handlers.DistillationSchedule([0, 0], name="on")(
+            SimpleNamespace(state=SimpleNamespace(epoch=1))
+        )
+    assert engine.state.stage == 2 and engine.state.gamma == 0.25
+    messages = {r.name: r.getMessage() for r in caplog.records}
+    assert messages["off"].startswith("no distillation") and messages["on"].startswith("distillation stage 2")

@@ -18,13 +18,18 @@ class DistillationSchedule:
     Args:
         level_start_epochs: one start per level; its length is N, the number of levels.
         gamma: the fraction of best-agreeing positions distilled (``engine.state.gamma``).
+        active: whether the configuration distils at all (G_a built, ``lambda_cmd`` > 0, a view
+            in ``cmd_views``); when not, the stages are still set but the log says so.
     """
 
-    def __init__(self, level_start_epochs: list[int], gamma: float = 0.25, name: str | None = None):
+    def __init__(
+        self, level_start_epochs: list[int], gamma: float = 0.25, name: str | None = None, active: bool = True
+    ):
         if any(b < a for a, b in zip(level_start_epochs, level_start_epochs[1:])):
             raise ValueError(f"level_start_epochs must be non-decreasing, got {level_start_epochs}")
         self.level_start_epochs = [int(e) for e in level_start_epochs]
         self.gamma = float(gamma)
+        self.active = bool(active)
         self.logger = logging.getLogger(name or __name__)
 
     def stage_at(self, completed_epochs: int) -> int:
@@ -41,6 +46,8 @@ class DistillationSchedule:
         if getattr(engine.state, "stage", None) != stage:
             self.logger.info(
                 f"distillation stage {stage} (levels active: {stage}) from epoch {completed + 1}"
+                if self.active
+                else "no distillation in this configuration (no axial view, lambda_cmd 0 or no cmd_views)"
             )
         engine.state.stage = stage
         engine.state.gamma = self.gamma
