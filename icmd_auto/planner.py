@@ -258,11 +258,9 @@ def training_activation_bytes(net, iteration, patch: list[int], batch: int, stag
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        try:
-            ptr = t.untyped_storage().data_ptr()
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        except (RuntimeError, NotImplementedError):
-            pass
+        if t.layout == torch.strided and t.device.type != "meta":  # dense tensors own a storage
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
         return t
 
     volume = torch.zeros(batch, 1, *patch)
