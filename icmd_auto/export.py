@@ -157,7 +157,10 @@ def export_torchscript(stage: Path) -> list[int]:
 
 
 def _zip(stage: Path, archive: Path) -> int:
-    files = sorted(p for p in stage.rglob("*") if p.is_file())
+    # checking the staged bundle (metadata, TorchScript) imports its scripts: no bytecode travels
+    files = sorted(
+        p for p in stage.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in files:
             zf.write(path, f"{stage.name}/{path.relative_to(stage).as_posix()}")
