@@ -319,7 +319,7 @@ def main() -> None:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     for name in ("icmd_auto", "ignite", "monai"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    log.setLevel(logging.INFO)  # quiet predicts raise the root logger to WARNING
+    log.setLevel(logging.INFO)  # the benchmark's own lines, whatever level the root logger has
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     missing = [v for v in args.volumes if not VOLUMES[v].exists()]
     if missing:

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import runner
 from .bundle_writer import write_bundle
-from .dataset import read_dataset_json
+from .dataset import read_dataset_json, write_dataset_json
 from .dicom_writer import write_prediction_series
 from .errors import ICMDError
 from .export import export_bundle as export  # noqa: F401  (`icmd_auto export`)
@@ -42,9 +42,11 @@ def _log_warnings(warnings: list[str]) -> None:
         logger.warning(f"warning: {warning}")
 
 
-def plan(dataset: str | Path, work: str | Path, **options) -> dict:
+def plan(dataset: str | Path, work: str | Path, series: str | list[str] | None = None, **options) -> dict:
     """Check the dataset, write fingerprint.json and plans.json, and generate ``<work>/bundle``.
 
+    ``series``: SeriesInstanceUIDs to take where a DICOM folder holds several series (an entry's
+    own "series" is taken from its folder); the bundle's DICOM reader is told the same.
     Options (all optional): factor, target_spacing_z, slice_profile, preset, time_budget_min,
     memory_gb, epochs, seed, recipe (a key of planner.RECIPES), method (a dict of icmd#...
     overrides over the recipe).
@@ -57,7 +59,8 @@ def plan(dataset: str | Path, work: str | Path, **options) -> dict:
         opts.target_spacing_z = spec.target_spacing_z
     if opts.slice_profile is None and spec.slice_profile is not None:
         opts.slice_profile = spec.slice_profile
-    report = verify_dataset_integrity(spec)
+    series = scripts.dicom_series.series_uids(series)
+    report = verify_dataset_integrity(spec, series=series)
     _log_warnings(report.warnings)
     fingerprint = dataset_fingerprint(report.cases, report.samples, spec.name)
     fingerprint["dataset_json"] = str(spec.path)
@@ -66,7 +69,10 @@ def plan(dataset: str | Path, work: str | Path, **options) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     write_fingerprint(fingerprint, work / "fingerprint.json")
     _write_json(work / "plans.json", plans)
-    write_bundle(plans, work, [c.image for c in report.cases])
+    # the series taken from folders that hold several: the bundle's reader is told the same
+    write_bundle(
+        plans, work, [c.image for c in report.cases], sorted({c.series for c in report.cases} - {None})
+    )
     return plans
 
 
@@ -76,6 +82,10 @@ def _check_training_images(bundle: Path, overrides: dict) -> None:
     try:
         factor = int(runner.config_value(bundle, ["train.json"], "icmd#factor", **overrides))
         datalist = runner.config_value(bundle, ["train.json"], "datalist", **overrides)
+        # (a bundle generated before DICOM series could be named has no such key)
+        named = "dicom_series" in overrides or "dicom_series" in json.loads(config.read_text())
+        series = runner.config_value(bundle, ["train.json"], "dicom_series", **overrides) if named else None
+        holdout = int(runner.config_value(bundle, ["train.json"], "validation#holdout_slices", **overrides))
     except Exception as e:  # an exported bundle lists --dataset_dir, which may be missing or empty
         raise ICMDError(
             f"{config}: the training images cannot be listed ({runner.error_summary(e)})"
@@ -83,7 +93,12 @@ def _check_training_images(bundle: Path, overrides: dict) -> None:
     if isinstance(datalist, (str, Path)) or not datalist:
         raise ICMDError(f"{config}: 'datalist' must be a non-empty list of images, got {datalist!r}")
     report = verify_images(
-        list(datalist), f"{config} datalist", min_slices=factor + 1, purpose=f"internal learning at x{factor}"
+        list(datalist),
+        f"{config} datalist",
+        min_slices=factor + 1 + holdout,
+        purpose=f"internal learning at x{factor}"
+        + (f" with {holdout} slices held out for validation" if holdout else ""),
+        series=scripts.dicom_series.series_uids(series),
     )
     _log_warnings(report.warnings)
 
@@ -100,9 +115,8 @@ def train(work: str | Path, restart: bool = False, quiet: bool = False, **overri
     if restart:
         for path in models.glob("checkpoint_*.pt"):
             path.unlink()
-        metrics = logs / "train_metrics.jsonl"
-        if metrics.exists():
-            metrics.unlink()
+        for name in ("train_metrics.jsonl", "validation_metrics.jsonl"):
+            (logs / name).unlink(missing_ok=True)
     resumed_from = scripts.handlers.latest_checkpoint(str(models)) if models.is_dir() else None
     if resumed_from:
         logger.info(f"resuming from {resumed_from} (pass --restart to train from scratch)")
@@ -125,6 +139,14 @@ def train(work: str | Path, restart: bool = False, quiet: bool = False, **overri
         lines = metrics.read_text().strip().splitlines()
         if lines:
             summary["last"] = json.loads(lines[-1])
+    validations = logs / "validation_metrics.jsonl"
+    if validations.exists():
+        lines = validations.read_text().strip().splitlines()
+        if lines:  # model.pt holds the weights of the best validation
+            last = json.loads(lines[-1])
+            summary["model_validation"] = {
+                k: last[k] for k in ("key_metric", "best_metric", "best_metric_epoch")
+            }
     return summary
 
 
@@ -139,6 +161,9 @@ class PredictionJob:
     input: Path
     output: Path
     preview: Path | None = None
+    # SeriesInstanceUIDs to take from a DICOM folder holding several series (strict: it must hold one)
+    series: tuple[str, ...] = ()
+    strict: bool = False
 
 
 def _is_nifti_name(path: Path) -> bool:
@@ -218,6 +243,33 @@ def _batch_jobs(
     return jobs
 
 
+def _named_series(input: Path, cases: list[Path] | None, series, overrides: dict) -> tuple[str, ...]:
+    """The SeriesInstanceUIDs named for ``predict``: ``--series``, a ``--dicom_series`` override and
+    the entries of a dataset.json input."""
+    named = scripts.dicom_series.series_uids(series) + scripts.dicom_series.series_uids(
+        overrides.get("dicom_series")
+    )
+    if cases is not None and input.suffix == ".json":
+        named += tuple(read_dataset_json(input).series_named())
+    if named and cases is None and not scripts.io.is_dicom_dir(input):
+        raise ICMDError(f"--series {named[0]}: {input} is not a DICOM folder; a series is named only for one")
+    return tuple(dict.fromkeys(named))
+
+
+def _series_override(bundle: Path, config_files: list[str], series: tuple[str, ...]) -> dict:
+    """The override that tells the bundle's DICOM reader which series to take (none if none is named)."""
+    if not series:
+        return {}
+    try:
+        runner.check_overrides(bundle, config_files, {"dicom_series": None})
+    except ICMDError:
+        raise ICMDError(
+            f"{bundle}: its configs have no 'dicom_series' key, so its DICOM reader cannot take a named "
+            "series; generate the bundle again with `icmd_auto plan` (or import a newer export)"
+        ) from None
+    return {"dicom_series": list(series)}
+
+
 def _commit(result: Path, output: Path, scratch: Path) -> None:
     """Rename ``result`` to ``output``; an existing output (only with --overwrite) is moved away first."""
     if output.exists():
@@ -227,7 +279,9 @@ def _commit(result: Path, output: Path, scratch: Path) -> None:
 
 def _check_prediction_input(job: PredictionJob) -> np.ndarray:
     """Check one case's input (refusing it in one line); returns its affine (MONAI's convention)."""
-    case, array, affine = check_image(job.input)
+    case, array, affine = check_image(job.input, series=job.series, strict=job.strict)
+    if case.series and case.series not in job.series:  # found, not named: the bundle is told it
+        job.series += (case.series,)
     del array  # the bundle reads the input itself; no second copy is held during inference
     warning = ct_range_warning(case)
     if warning:
@@ -255,16 +309,42 @@ def _predict_one(
         raise ICMDError(f"inference wrote {len(written)} files for {job.input}; expected one")
     result = written[0]
     if job.preview:  # before the output is committed: a case is written whole or not at all
-        write_preview(job.input, result, factor, job.preview)
+        write_preview(job.input, result, factor, job.preview, job.series)
     if output_format == "dicom":
         series = scratch / "series"
-        write_prediction_series(result, job.input, affine, factor, series)
+        write_prediction_series(result, job.input, affine, factor, series, job.series)
         result = series
     _commit(result, job.output, scratch)
 
 
+def zero_shot_work(
+    input: str | Path, work: Path, factor: int | None = None, series=None, quiet: bool = False
+) -> Path:
+    """A work folder whose bundle holds the shipped prior for ``input``'s factor, untrained further.
+
+    The planner runs as for a warm start (``init`` prior) on the input itself (for its factor,
+    shape and plane chunk), with one epoch planned and none run; the prior becomes the model.
+    """
+    input = Path(input).expanduser().absolute()
+    if not input.exists():
+        raise ICMDError(f"{input}: file not found")
+    cases = _batch_cases(input) or [input]
+    dataset = write_dataset_json(work / "dataset.json", [str(c) for c in cases], name="zero-shot")
+    plans = plan(dataset, work, series=series, factor=factor, epochs=1, init="prior")
+    if plans["init"]["value"]["mode"] != "prior":  # plan refuses first; this is the contract
+        raise ICMDError(plans["init"]["reason"])
+    models = work / "bundle" / "models"
+    shutil.copy2(models / "prior.pt", models / "model.pt")
+    if not quiet:
+        logger.info(
+            f"zero-shot: the shipped prior for x{plans['factor']['value']} ({plans['factor']['reason']}); "
+            "no training. Plan and train on your scans for more (README)"
+        )
+    return work
+
+
 def predict(
-    work: str | Path,
+    work: str | Path | None,
     input: str | Path,
     output: str | Path,
     overwrite: bool = False,
@@ -272,6 +352,8 @@ def predict(
     quiet: bool = False,
     output_format: str = "nifti",
     preview: str | bool | None = None,
+    series: str | list[str] | None = None,
+    factor: int | None = None,
     **overrides,
 ) -> Path | dict:
     """Synthesise thin slices for one volume, or for every volume of a folder or a dataset.json.
@@ -289,8 +371,24 @@ def predict(
     Every output is written under a temporary name beside it and renamed into place. An existing
     output is a refusal before any work unless ``overwrite`` (replace it) or ``resume`` (skip the
     case). ``preview``: a .png path (one volume) or True (beside each output): coronal and
-    sagittal planes of input and output (preview.py).
+    sagittal planes of input and output (preview.py). ``series``: SeriesInstanceUIDs to take where
+    a DICOM folder holds several series (one volume: the folder must hold it); a dataset.json's
+    entries may name theirs.
+
+    Without ``work`` (zero-shot) the shipped CT prior for the input's factor does it, with no plan
+    and no training: ``factor`` or the input's spacing (median z / in-plane, rounded) picks it.
     """
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="icmd_zero_shot_") as scratch_work:
+            work = zero_shot_work(input, Path(scratch_work), factor=factor, series=series, quiet=quiet)
+            return predict(
+                work, input, output, overwrite, resume, quiet, output_format, preview, series, **overrides
+            )
+    if factor is not None and int(factor) != _bundle_factor(runner.bundle_dir(work)):
+        raise ICMDError(
+            f"--factor {factor}: the bundle in {work} synthesises x{_bundle_factor(runner.bundle_dir(work))}; "
+            "plan again for another factor, or leave out --work to use the shipped prior"
+        )
     bundle = runner.bundle_dir(work)
     runner.trained_model(bundle)
     if output_format not in OUTPUT_FORMATS:
@@ -306,6 +404,10 @@ def predict(
         jobs = [_single_job(input, output, output_format, preview)]
     else:
         jobs = _batch_jobs(input, cases, output, output_format, preview)
+    series = _named_series(input, cases, series, overrides)
+    for job in jobs:
+        job.series, job.strict = series, cases is None and bool(series)
+    overrides.update(_series_override(bundle, ["inference.json"], series))
     skipped = [job for job in jobs if resume and job.output.exists()]
     todo = [job for job in jobs if job not in skipped]
     if not overwrite:
@@ -339,7 +441,7 @@ def predict(
                         output_dir=str(scratch),
                         output_postfix="icmd",
                         output_ext=".nii" if str(output).endswith(".nii") else ".nii.gz",
-                        **overrides,
+                        **{**overrides, **_series_override(bundle, ["inference.json"], job.series)},
                     )
                 _predict_one(session, job, affine, scratch, factor, output_format)
                 written.append(job.output)
@@ -369,12 +471,19 @@ def predict(
 
 
 def evaluate(
-    work: str | Path, dataset: str | Path, out: str | Path | None = None, quiet: bool = False, **overrides
+    work: str | Path,
+    dataset: str | Path,
+    out: str | Path | None = None,
+    quiet: bool = False,
+    series: str | list[str] | None = None,
+    **overrides,
 ) -> dict:
     """The simulated-thick protocol on the dataset's test images (or its training images if none).
 
     The images are thin ground truth: each is made thick with the bundle's factor, synthesised
-    back, and compared. Returns the report (also written to ``out``, default <work>/evaluation.json).
+    back, and compared. ``series``: SeriesInstanceUIDs to take where a DICOM folder holds several
+    series (an entry's own "series" is taken from its folder). Returns the report (also written to
+    ``out``, default <work>/evaluation.json).
     """
     bundle = runner.bundle_dir(work)
     runner.trained_model(bundle)
@@ -383,9 +492,17 @@ def evaluate(
     spec = read_dataset_json(dataset)
     images = spec.test or spec.training
     factor = _bundle_factor(bundle)
+    series = scripts.dicom_series.series_uids(series)
     report = verify_images(
-        images, str(spec.path), min_slices=factor + 1, purpose=f"the simulated-thick protocol at x{factor}"
+        images,
+        str(spec.path),
+        min_slices=factor + 1,
+        purpose=f"the simulated-thick protocol at x{factor}",
+        series=series,
+        entry_series=spec.entry_series,
     )
+    taken = tuple(sorted({c.series for c in report.cases} - {None}))  # the bundle's reader is told the same
+    overrides.update(_series_override(bundle, configs, taken))
     _log_warnings(report.warnings)
     out = Path(out).expanduser().absolute() if out else Path(work).expanduser().absolute() / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)

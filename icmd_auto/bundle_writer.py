@@ -33,11 +33,17 @@ PLAN_KEYS = {
         "iterations_per_epoch",
         "learning_rate",
         "time_limit_s",
+        "validation",
+        "amp",
+        "amp_dtype",
         "datalist",
+        "dicom_series",
+        "init_weights",
         "seed",
     ),
-    "inference.json": ("icmd", "intensity", "architecture", "sliding_window", "seed"),
+    "inference.json": ("icmd", "intensity", "architecture", "plane_inference", "seed"),
 }
+PRIOR_FILE = "prior.pt"  # models/prior.pt: the weights a warm start begins from
 INFERENCE_ICMD_KEYS = ("factor", "views", "fusion", "use_memory", "mem_items", "share_cs", "axial_slices")
 
 
@@ -64,8 +70,12 @@ def _write(path: Path, content: dict) -> None:
     tmp.replace(path)
 
 
-def plan_values(plan: dict, training_images: list[str]) -> dict:
-    """The config values a plan sets (train.json's view; inference.json takes a subset)."""
+def plan_values(plan: dict, training_images: list[str], dicom_series: list[str] | None = None) -> dict:
+    """The config values a plan sets (train.json's view; inference.json takes a subset).
+
+    ``dicom_series``: the SeriesInstanceUIDs taken from training folders that hold several series
+    (named or found); the bundle's DICOM reader is told them.
+    """
     training = plan["training"]["value"]
     icmd = {
         "factor": plan["factor"]["value"],
@@ -83,8 +93,15 @@ def plan_values(plan: dict, training_images: list[str]) -> dict:
         "iterations_per_epoch": training["iterations_per_epoch"],
         "learning_rate": training["learning_rate"],
         "time_limit_s": training["time_limit_s"],
+        "validation": plan["validation"]["value"],
+        "amp": plan["amp"]["value"],
+        "amp_dtype": plan["amp_dtype"]["value"],
         "datalist": [str(p) for p in training_images],
-        "sliding_window": plan["sliding_window"]["value"],
+        "init_weights": f"$@bundle_root + '/models/{PRIOR_FILE}'"
+        if plan.get("init", {}).get("value", {}).get("mode") == "prior"
+        else None,
+        "dicom_series": list(dicom_series) if dicom_series else None,
+        "plane_inference": plan["plane_inference"]["value"],
         "seed": plan["seed"]["value"],
     }
 
@@ -122,14 +139,16 @@ def metadata(plan: dict, template_meta: dict) -> dict:
     return meta
 
 
-def write_bundle(plan: dict, work: Path, training_images: list[str]) -> Path:
+def write_bundle(
+    plan: dict, work: Path, training_images: list[str], dicom_series: list[str] | None = None
+) -> Path:
     """Copy the template to ``<work>/bundle`` and write the plan into its configs.
 
     An existing bundle's code and configs are replaced; its ``models/`` and ``logs/`` are kept.
     """
     bundle = Path(work) / "bundle"
     copy_template(bundle)
-    values = plan_values(plan, training_images)
+    values = plan_values(plan, training_images, dicom_series)
     configs = bundle / "configs"
     train = _read(configs / "train.json")
     for key in PLAN_KEYS["train.json"]:
@@ -150,4 +169,10 @@ def write_bundle(plan: dict, work: Path, training_images: list[str]) -> Path:
     evaluate["slice_profile"] = plan["slice_profile"]["value"]
     _write(configs / "evaluate.json", evaluate)
     _write(configs / "metadata.json", metadata(plan, _read(configs / "metadata.json")))
+    init = plan.get("init", {}).get("value", {})
+    if (
+        init.get("mode") == "prior"
+    ):  # warm start: the prior's weights inside the bundle, which stays self-contained
+        (bundle / "models").mkdir(exist_ok=True)
+        shutil.copy2(init["weights"], bundle / "models" / PRIOR_FILE)
     return bundle

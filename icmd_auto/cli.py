@@ -51,11 +51,15 @@ def plan(
     epochs: int | None = None,
     seed: int = 0,
     recipe: str | None = None,
+    series: str | None = None,
+    seconds_per_iteration: float | None = None,
+    init: str | None = None,
 ):
-    """Check a dataset.json, fingerprint it, plan the experiment and generate WORK/bundle."""
+    """Check a dataset.json, fingerprint it, plan the experiment and generate WORK/bundle. --series UID takes that series from a DICOM folder holding several. With a time budget, --seconds_per_iteration S (e.g. the value an earlier plans.json recorded) replaces the timing probe: the same plan on any machine, busy or not. --init prior|scratch: training starts from the shipped CT prior (the default where one fits the plan) or from scratch."""
     plans = api.plan(
         dataset,
         work,
+        series=_uids(series),
         factor=factor,
         target_spacing_z=target_spacing_z,
         slice_profile=slice_profile,
@@ -65,14 +69,21 @@ def plan(
         epochs=epochs,
         seed=seed,
         recipe=recipe,
+        seconds_per_iteration=seconds_per_iteration,
+        init=init,
     )
     t = plans["training"]["value"]
     print(f"plan: factor {plans['factor']['value']} ({plans['factor']['reason']})")
     print(f"      recipe {plans['recipe']['value']} ({plans['recipe']['reason'].split(';')[0]})")
+    print(f"      init {plans['init']['value']['mode']} ({plans['init']['reason'].split(';')[0]})")
     print(
         f"      preset {plans['preset']['value']}, patch {plans['patch_size']['value']} x batch "
         f"{plans['batch_size']['value']}, {t['epochs']} epochs x {t['iterations_per_epoch']} iterations"
     )
+    if "seconds_per_iteration" in plans:
+        step = plans["seconds_per_iteration"]
+        where = f"measured on {step['machine']}" if step["machine"] else "given"
+        print(f"      {step['value']:g} s per iteration ({where})")
     print(
         f"wrote {os.path.join(work, 'fingerprint.json')}, {os.path.join(work, 'plans.json')}, "
         f"{os.path.join(work, 'bundle')}/"
@@ -94,25 +105,29 @@ def train(work: str, restart: bool = False, **overrides):
 
 
 def predict(
-    work: str,
     input: str,
     output: str,
+    work: str | None = None,
+    factor: int | None = None,
     output_format: str = "nifti",
     overwrite: bool = False,
     resume: bool = False,
     preview: str | bool | None = None,
+    series: str | None = None,
     **overrides,
 ):
-    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom); for a folder of volumes or a dataset.json INPUT, into the folder OUTPUT (--resume skips cases already done). --preview PNG writes coronal/sagittal views before and after."""
+    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom); for a folder of volumes or a dataset.json INPUT, into the folder OUTPUT (--resume skips cases already done). --preview PNG writes coronal/sagittal views before and after. --series UID takes that series from a DICOM folder holding several. Without --work, the shipped CT prior for the input's factor (--factor R, or its spacing) synthesises it: no plan, no training (zero-shot)."""
     result = api.predict(
         work,
         input,
         output,
+        factor=factor,
         overwrite=overwrite,
         resume=resume,
         quiet=_QUIET,
         output_format=output_format,
         preview=preview,
+        series=_uids(series),
         **overrides,
     )
     if isinstance(result, dict):
@@ -124,9 +139,9 @@ def predict(
         print(f"wrote {result}")
 
 
-def evaluate(work: str, dataset: str, out: str | None = None, **overrides):
-    """Simulated-thick evaluation on the thin test images of DATASET: PSNR (all / synthesized) and SSIM_a/c/s vs interpolation."""
-    report = api.evaluate(work, dataset, out=out, quiet=_QUIET, **overrides)
+def evaluate(work: str, dataset: str, out: str | None = None, series: str | None = None, **overrides):
+    """Simulated-thick evaluation on the thin test images of DATASET: PSNR (all / synthesized) and SSIM_a/c/s vs interpolation. --series UID takes that series from a DICOM folder holding several."""
+    report = api.evaluate(work, dataset, out=out, quiet=_QUIET, series=_uids(series), **overrides)
     print(format_report(report))
 
 
@@ -164,6 +179,19 @@ def demo(work: str = "icmd_demo", minutes: float = 3.0):
 def version():
     """Print the icmd_auto version."""
     print(__version__)
+
+
+def _uids(series) -> list[str] | None:
+    """--series as fire gives it: one UID or 'uid1,uid2' (a string), or a list "['uid1', 'uid2']"."""
+    if series is None:
+        return None
+    if isinstance(series, bool):
+        raise ICMDError("--series needs a SeriesInstanceUID")
+    if isinstance(series, (int, float)):  # fire reads a UID like 1.23 as a number; a UID is text
+        raise ICMDError(
+            f"--series {series}: give the SeriesInstanceUID in quotes, e.g. --series '\"{series}\"'"
+        )
+    return [str(s) for s in series] if isinstance(series, (list, tuple)) else [str(series)]
 
 
 def format_report(report: dict) -> str:

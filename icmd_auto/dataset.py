@@ -5,13 +5,15 @@
       "channel_names": {"0": "CT"},          # or "modality": {"0": "CT"}
       "training": [{"image": "imagesTr/case_000.nii.gz"}, ...],
       "test": ["imagesTs/case_100.nii.gz", ...],   # or [{"image": ...}]
+      # a DICOM folder holding several series: {"image": "export/", "series": "<SeriesInstanceUID>"}
       "factor": 3,                           # optional
       "target_spacing_z": 1.5,               # optional, mm
       "slice_profile": "removal"             # optional: "removal" | "average"
     }
 
-Paths are relative to the file. An image is a NIfTI file or a DICOM series folder. Labels are
-never needed and are ignored when present.
+Paths are relative to the file. An image is a NIfTI file or a DICOM folder: one series, or a
+study export whose series is its only axial CT series or the one an entry's "series" names.
+Labels are never needed and are ignored when present.
 """
 
 from __future__ import annotations
@@ -36,17 +38,28 @@ class DatasetSpec:
     factor: int | None = None
     target_spacing_z: float | None = None
     slice_profile: str | None = None
+    # image path (as str) -> the SeriesInstanceUID its entry names, for DICOM folders of several series
+    entry_series: dict[str, str] = field(default_factory=dict)
+
+    def series_named(self) -> list[str]:
+        """The SeriesInstanceUIDs the entries name."""
+        return sorted(set(self.entry_series.values()))
 
 
-def _entry_path(entry: object, root: Path, where: str) -> Path:
+def _entry(entry: object, root: Path, where: str) -> tuple[Path, str | None]:
+    """An entry's image path and the series it names (None when it names none)."""
+    series = None
     if isinstance(entry, dict):
         if "image" not in entry:
             raise ICMDError(f"{where}: entry {entry!r} has no 'image' key")
+        series = entry.get("series")
+        if series is not None and (not isinstance(series, str) or not series.strip()):
+            raise ICMDError(f"{where}: 'series' must be a SeriesInstanceUID (a string), got {series!r}")
         entry = entry["image"]
     if not isinstance(entry, str) or not entry:
         raise ICMDError(f"{where}: entry {entry!r} is not a path")
     path = Path(entry)
-    return path if path.is_absolute() else (root / path)
+    return (path if path.is_absolute() else (root / path)), (series.strip() if series else None)
 
 
 def read_dataset_json(path: str | Path) -> DatasetSpec:
@@ -76,11 +89,16 @@ def read_dataset_json(path: str | Path) -> DatasetSpec:
     if not isinstance(training, list) or not training:
         raise ICMDError(f"{path}: 'training' must be a non-empty list of images")
     root = path.parent
+    entries = {
+        part: [_entry(e, root, f"{path.name} {part}[{i}]") for i, e in enumerate(items)]
+        for part, items in (("training", training), ("test", raw.get("test") or []))
+    }
     spec = DatasetSpec(
         path=path,
         name=str(raw.get("name", path.parent.name)),
-        training=[_entry_path(e, root, f"{path.name} training[{i}]") for i, e in enumerate(training)],
-        test=[_entry_path(e, root, f"{path.name} test[{i}]") for i, e in enumerate(raw.get("test") or [])],
+        training=[image for image, _ in entries["training"]],
+        test=[image for image, _ in entries["test"]],
+        entry_series={str(image): uid for part in entries.values() for image, uid in part if uid},
     )
     if raw.get("factor") is not None:
         factor = raw["factor"]

@@ -1,23 +1,31 @@
 """Is a DICOM folder one regular series? Checked from the headers alone, before any pixel is decoded.
 
-MONAI's PydicomReader stacks every DICOM file of a folder in InstanceNumber order and takes the
-slice spacing from the first and last positions. It warns, and goes on, when the files differ in
-size or spacing, so a folder holding two series, a series with a slice missing, or one with
-uneven slice spacing gives a volume with wrong geometry and no error. These checks refuse such a
-folder with the reason instead, reading headers only (``stop_before_pixels``).
+A folder may be a study export: several series (in it or in one subfolder each) and non-image
+DICOM objects. The bundle's ``scripts.dicom_series`` chooses the series that is the volume (the
+one named with ``--series``, the only image series, or the only axial CT series) and reads only
+that one; the checks here refuse a folder where it cannot choose, with the reason and the series
+listed, and then check the chosen series.
 
-An empty SeriesInstanceUID (as anonymised data has) counts as unknown, not as a second series.
+MONAI's PydicomReader stacks the slices in InstanceNumber order and takes the slice spacing from
+the first and last positions. It warns, and goes on, when the files differ in size or spacing, so
+a series with a slice missing, or one with uneven slice spacing, gives a volume with wrong
+geometry and no error. These checks refuse such a series with the reason instead, reading headers
+only (``stop_before_pixels``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.misc import is_dicom
 
+from .template import scripts
+
+# how a user names one series where a folder holds several
+SERIES_HINT = 'name one with --series UID (or "series" in its dataset.json entry)'
 # geometry tags every slice needs for MONAI to place it
 GEOMETRY_TAGS = ("InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines
@@ -25,18 +33,6 @@ SPACING_TOLERANCE_MM = 1e-3  # in-plane pixel spacing
 # slice steps: DS strings carry a few decimals, so allow 1% of the step (at least 0.01 mm)
 STEP_RELATIVE_TOLERANCE = 0.01
 STEP_MIN_TOLERANCE_MM = 0.01
-
-
-def _headers(folder: Path) -> tuple[list[tuple[str, pydicom.Dataset]], list[str]]:
-    headers, problems = [], []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if not is_dicom(str(path)):  # MONAI reads the files with the DICM marker, so do we
-            continue
-        try:
-            headers.append((path.name, pydicom.dcmread(path, stop_before_pixels=True)))
-        except Exception as e:  # noqa: BLE001  pydicom raises several types for broken headers
-            problems.append(f"{path.name}: unreadable DICOM header ({type(e).__name__}: {e})")
-    return headers, problems
 
 
 def _differing(headers, tag: str, tolerance: float) -> tuple[list[float], list[float], str] | None:
@@ -49,35 +45,42 @@ def _differing(headers, tag: str, tolerance: float) -> tuple[list[float], list[f
     return None
 
 
-def series_problems(folder: str | Path) -> list[str]:
-    """What makes ``folder`` not one regular DICOM series (empty when it is one).
+def check_series(
+    folder: str | Path, series: Sequence[str] = (), strict: bool = False
+) -> tuple[scripts.dicom_series.SeriesChoice | None, list[str]]:
+    """The series of ``folder`` that is the volume, and what makes it not one regular DICOM series.
 
-    Checked: every header readable and carrying the geometry tags; one SeriesInstanceUID; one
-    size, orientation and pixel spacing; distinct InstanceNumbers; slice positions (along the
-    slice normal, in InstanceNumber order) monotonic and evenly spaced, which catches a missing
-    slice, duplicates and varying spacing. Each message starts with ``folder``.
+    The choice is ``scripts.dicom_series.choose_series`` (``series``: SeriesInstanceUIDs to take;
+    ``strict``: the folder must hold one of them); the problems are empty when the chosen series
+    is regular. Checked: every header readable; every slice carrying the geometry tags; one size,
+    orientation and pixel spacing; distinct InstanceNumbers; slice positions (along the slice
+    normal, in InstanceNumber order) monotonic and evenly spaced, which catches a missing slice,
+    duplicates and varying spacing. Each message starts with ``folder``.
     """
     folder = Path(folder)
-    headers, unreadable = _headers(folder)
-    if unreadable:
-        return [f"{folder}: {p}" for p in unreadable]
-    if not headers:
-        return [f"{folder}: no DICOM files (none has the 'DICM' marker)"]
-    for tag in GEOMETRY_TAGS + ("Rows", "Columns"):
+    scan = scripts.dicom_series.scan_folder(folder)
+    if scan.unreadable:
+        return None, [
+            f"{folder}: {path.relative_to(folder)}: unreadable DICOM header ({reason})"
+            for path, reason in scan.unreadable
+        ]
+    try:
+        choice = scripts.dicom_series.choose_series(folder, series, strict, hint=SERIES_HINT, scan=scan)
+    except scripts.dicom_series.SeriesChoiceError as e:
+        return None, [str(e)]
+    chosen = choice.series
+    headers = [(str(path.relative_to(folder)), ds) for path, ds in zip(chosen.files, chosen.headers)]
+    return choice, _regularity_problems(folder, headers)
+
+
+def _regularity_problems(folder: Path, headers: list[tuple[str, pydicom.Dataset]]) -> list[str]:
+    for tag in GEOMETRY_TAGS:
         lacking = [name for name, ds in headers if ds.get(tag) in (None, "")]
         if lacking:
             return [
                 f"{folder}: {len(lacking)} file(s) have no {tag} (e.g. {lacking[0]}); slices cannot be placed"
             ]
 
-    uids = Counter(str(ds.get("SeriesInstanceUID", "") or "") for _, ds in headers)
-    uids.pop("", None)
-    if len(uids) > 1:
-        counts = ", ".join(f"{uid} ({n} files)" for uid, n in uids.most_common(3))
-        return [
-            f"{folder}: mixed series: {len(uids)} SeriesInstanceUIDs in one folder ({counts}); "
-            "put each series in its own folder"
-        ]
     sizes = Counter((int(ds.Rows), int(ds.Columns)) for _, ds in headers)
     if len(sizes) > 1:
         (a, _), (b, _) = sizes.most_common(2)

@@ -10,25 +10,27 @@ PixelSpacing[0]), column 2 the step from one slice to the next, and column 3 the
 ImagePositionPatient; slice k sits at column 3 + k * column 2 and gets InstanceNumber k + 1.
 
 Tags. Patient, study and frame-of-reference attributes are carried over from the source series
-(a UID the source leaves empty, as anonymised data does, is generated); the series and every
-instance get new UIDs. Pixels are signed 16-bit HU (RescaleSlope 1, RescaleIntercept 0), written
-uncompressed in explicit VR little endian whatever the source's transfer syntax.
+(from a folder of several series, the one the input was read from; a UID the source leaves empty,
+as anonymised data does, is generated); the series and every instance get new UIDs. Pixels are
+signed 16-bit HU (RescaleSlope 1, RescaleIntercept 0), written uncompressed in explicit VR little
+endian whatever the source's transfer syntax.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
 from . import __version__
 from .errors import ICMDError
+from .template import scripts
 
 # copied from the source series when present (Patient, General Study, Frame of Reference, and the
 # acquisition descriptors a reader uses to tell series apart)
@@ -66,16 +68,17 @@ SERIES_NUMBER_OFFSET = 1000  # a derived series numbered apart from its source (
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def source_slices(series_dir: Path) -> list[Dataset]:
-    """The source series' headers, in MONAI's stacking order (InstanceNumber)."""
-    headers = []
-    for path in sorted(p for p in Path(series_dir).iterdir() if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except pydicom.errors.InvalidDicomError:
-            continue
-        if "InstanceNumber" in ds:
-            headers.append(ds)
+def source_slices(series_dir: Path, series: Sequence[str] = ()) -> list[Dataset]:
+    """The source series' headers, in MONAI's stacking order (InstanceNumber).
+
+    ``series_dir`` may hold several series; the one taken is the one the input was read from
+    (``scripts.dicom_series``, with the same ``series``: the SeriesInstanceUIDs named).
+    """
+    try:
+        choice = scripts.dicom_series.choose_series(series_dir, series)
+    except scripts.dicom_series.SeriesChoiceError as e:
+        raise ICMDError(str(e)) from None
+    headers = [ds for ds in choice.series.headers if "InstanceNumber" in ds]
     if not headers:
         raise ICMDError(f"{series_dir}: no DICOM slices with an InstanceNumber")
     return sorted(headers, key=lambda ds: int(ds.InstanceNumber))
@@ -138,13 +141,19 @@ def _series_header(source: Dataset, factor: int, now: datetime) -> Dataset:
 
 
 def write_dicom_series(
-    volume: np.ndarray, affine_ras: np.ndarray, source_dir: Path, out_dir: Path, factor: int
+    volume: np.ndarray,
+    affine_ras: np.ndarray,
+    source_dir: Path,
+    out_dir: Path,
+    factor: int,
+    series: Sequence[str] = (),
 ) -> list[Path]:
     """Write ``volume`` (X, Y, Z) in HU as a DICOM series into the empty or new folder ``out_dir``.
 
     ``affine_ras`` is the volume's affine in MONAI's convention (what ``LoadImage`` gives and the
-    NIfTI output holds); ``source_dir`` is the series the volume was synthesised from. Values are
-    rounded to integer HU and must fit int16. Returns the files, in slice order.
+    NIfTI output holds); ``source_dir`` is the folder of the series the volume was synthesised
+    from (``series``: the SeriesInstanceUIDs named where it holds several). Values are rounded to
+    integer HU and must fit int16. Returns the files, in slice order.
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -155,7 +164,7 @@ def write_dicom_series(
     pixels = hu.astype("<i2")
     x_size, y_size, num_slices = pixels.shape
     geometry = slice_geometry(affine_ras, num_slices)
-    header = _series_header(source_slices(source_dir)[0], factor, datetime.now())
+    header = _series_header(source_slices(source_dir, series)[0], factor, datetime.now())
     header.Rows, header.Columns = y_size, x_size
     header.ImageOrientationPatient = _ds(geometry["orientation"])
     header.PixelSpacing = _ds(geometry["pixel_spacing"])
@@ -184,9 +193,15 @@ def write_dicom_series(
 
 
 def write_prediction_series(
-    prediction: Path, source_dir: Path, source_affine: np.ndarray, factor: int, out_dir: Path
+    prediction: Path,
+    source_dir: Path,
+    source_affine: np.ndarray,
+    factor: int,
+    out_dir: Path,
+    series: Sequence[str] = (),
 ) -> list[Path]:
-    """The bundle's NIfTI prediction for the series ``source_dir`` as a DICOM series in ``out_dir``.
+    """The bundle's NIfTI prediction for the series in ``source_dir`` (``series``: the
+    SeriesInstanceUIDs named where it holds several) as a DICOM series in ``out_dir``.
 
     Voxels come from the prediction file; the geometry from the source series' own affine (float64,
     as MONAI read it) with the slice step divided by ``factor``, checked against the prediction's
@@ -194,12 +209,10 @@ def write_prediction_series(
     """
     import nibabel as nib
 
-    from .template import scripts
-
     image = nib.load(str(prediction))
     affine = scripts.io.upsampled_affine(source_affine, factor).numpy()
     if not np.allclose(affine, image.affine, atol=1e-3):
         raise ICMDError(
             f"{prediction}: its affine does not match the source series' geometry; refusing to write DICOM"
         )
-    return write_dicom_series(np.asanyarray(image.dataobj), affine, source_dir, out_dir, factor)
+    return write_dicom_series(np.asanyarray(image.dataobj), affine, source_dir, out_dir, factor, series)

@@ -43,6 +43,7 @@ REQUIRED_FILES = (
 # the slice count the TorchScript model is traced at, and a second one it is checked at: inference
 # windows span a volume's whole z-range, so the traced model must not depend on it
 TRACE_SLICES, CHECK_SLICES = 8, 11
+TRACE_XY = 128  # the traced graph unrolls the loop over planes: it takes this in-plane size only
 TRACE_TOLERANCE = 1e-4  # standardised units; the traced graph runs the same operations
 
 
@@ -96,9 +97,14 @@ def _stage(bundle: Path, stage: Path) -> None:
     (stage / "models").mkdir()
     shutil.copy2(bundle / "models" / "model.pt", stage / "models" / "model.pt")
     # the training images were local paths of the exporting machine: read --dataset_dir instead
+    # (and the series named in them identify its patients' scans: not shared either)
     train_path = stage / "configs" / "train.json"
     train = json.loads(train_path.read_text())
-    train["datalist"] = json.loads((TEMPLATE_DIR / "configs" / "train.json").read_text())["datalist"]
+    template = json.loads((TEMPLATE_DIR / "configs" / "train.json").read_text())
+    train["datalist"], train["dicom_series"] = template["datalist"], template["dicom_series"]
+    train["init_weights"] = template[
+        "init_weights"
+    ]  # the trained model.pt travels, not the prior it started from
     train_path.write_text(json.dumps(train, indent=4) + "\n")
 
 
@@ -107,7 +113,7 @@ def _network(stage: Path) -> torch.nn.Module:
 
     parser = ConfigParser()
     parser.read_config(str(stage / "configs" / "inference.json"))
-    parser["bundle_root"] = str(stage)
+    parser.update({"bundle_root": str(stage), **runner.private_targets(stage, ["inference.json"])})
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(stage / "models" / "model.pt", map_location="cpu", weights_only=True))
     return net.eval()
@@ -117,20 +123,14 @@ def export_torchscript(stage: Path) -> list[int]:
     """``models/model.ts`` through MONAI's ``ckpt_export``, traced; returns the traced input shape.
 
     ``torch.jit.script`` cannot compile ICMDNet (its forward also takes the training objective, a
-    Python callable), so the model is traced (``use_trace=True``) at the inference window's in-plane
-    size and checked against the state-dict network at two slice counts.
+    Python callable), so the model is traced (``use_trace=True``) at a TRACE_XY x TRACE_XY in-plane
+    size (the loop over planes is unrolled: that size only) and checked against the state-dict network at two slice counts.
     """
     from monai.bundle import ckpt_export
 
-    inference = json.loads((stage / "configs" / "inference.json").read_text())
-    roi = inference["sliding_window"]["roi_size"]
-    if roi[0] <= 0 or roi[1] <= 0:
-        raise ICMDError(
-            f"sliding_window#roi_size {roi}: tracing a TorchScript model needs a fixed in-plane window size"
-        )
-    shape = [1, 1, int(roi[0]), int(roi[1]), TRACE_SLICES]
+    shape = [1, 1, TRACE_XY, TRACE_XY, TRACE_SLICES]
     model_ts = stage / "models" / "model.ts"
-    with runner.bundle_on_path(stage), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         ckpt_export(
             net_id="network_def",
@@ -139,6 +139,7 @@ def export_torchscript(stage: Path) -> list[int]:
             meta_file=str(stage / "configs" / "metadata.json"),
             config_file=str(stage / "configs" / "inference.json"),
             bundle_root=str(stage),
+            **runner.private_targets(stage, ["inference.json"]),  # the file keeps `scripts.…`
             use_trace=True,
             input_shape=shape,
             converter_kwargs={"verify": True, "rtol": TRACE_TOLERANCE, "atol": TRACE_TOLERANCE},

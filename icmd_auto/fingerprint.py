@@ -9,15 +9,16 @@ CTNormalization uses them).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from monai.data import NibabelReader, PydicomReader
+from monai.data import NibabelReader
 from monai.transforms import LoadImage
 
-from .dicom_checks import series_problems
+from .dicom_checks import check_series
 from .errors import ICMDError
 from .template import scripts
 
@@ -42,30 +43,51 @@ class CaseFingerprint:
     dtype: str
     intensity: dict[str, float]
     all_finite: bool
+    # the SeriesInstanceUID taken from a DICOM folder that holds more than it, or named for one
+    series: str | None = None
 
 
-def load_case_array(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """Read a NIfTI file or DICOM series folder as (array without channel axis, affine, dtype).
+@dataclass
+class LoadedCase:
+    """One image as read: the array (no channel axis), its affine, the dtype outputs are written in,
+    and for a DICOM folder the series taken from it."""
 
-    A DICOM folder must hold one regular series (dicom_checks.py), checked from its headers
-    before MONAI decodes and stacks the slices.
+    array: np.ndarray
+    affine: np.ndarray
+    dtype: str
+    series: scripts.dicom_series.SeriesChoice | None = None
+
+
+def load_case(path: str | Path, series: Sequence[str] = (), strict: bool = False) -> LoadedCase:
+    """Read a NIfTI file or DICOM folder.
+
+    A DICOM folder gives the series ``scripts.dicom_series`` chooses (``series``: the
+    SeriesInstanceUIDs to take where it holds several; ``strict``: it must hold one of them), which
+    must be one regular series (dicom_checks.py), checked from its headers before MONAI decodes and
+    stacks the slices.
 
     Raises:
-        CaseReadError: missing, unreadable, not an image, or an inconsistent DICOM series.
+        CaseReadError: missing, unreadable, not an image, no series to take, or an inconsistent
+            DICOM series.
     """
     path = Path(path)
     if not path.exists():
         raise CaseReadError(f"{path}: file not found")
-    if path.is_dir() and not scripts.io.is_dicom_dir(path):
-        raise CaseReadError(f"{path}: a folder without DICOM files")
     if path.is_file() and not scripts.io.is_nifti(path):
         raise CaseReadError(f"{path}: not a NIfTI file (.nii / .nii.gz) or DICOM series folder")
+    choice = None
     if path.is_dir():
-        problems = series_problems(path)
+        choice, problems = check_series(path, series, strict)
         if problems:
             raise CaseReadError("; ".join(problems))
+        # the reader chooses again from the same headers; the chosen UID makes that explicit
+        reader = scripts.dicom_series.DicomSeriesReader(
+            series=[choice.series.uid] if choice.series.uid else None, log_choice=False
+        )
+        kind = "DICOM series"
+    else:
+        kind, reader = "NIfTI", NibabelReader()
     # one reader, named: LoadImage would otherwise try the others and report the last one's failure
-    kind, reader = ("NIfTI", NibabelReader()) if path.is_file() else ("DICOM series", PydicomReader())
     try:
         img = LoadImage(image_only=True, dtype=None)(str(path), reader=reader)
         array = np.asarray(img)
@@ -73,7 +95,15 @@ def load_case_array(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CaseReadError(f"{path}: cannot be read as a {kind} ({reason[:200]})") from None
     dtype = str(scripts.io.stored_dtype(path)) if scripts.io.is_nifti(path) else "int16"
-    return array, np.asarray(img.affine, dtype=np.float64), dtype
+    return LoadedCase(array, np.asarray(img.affine, dtype=np.float64), dtype, choice)
+
+
+def load_case_array(
+    path: str | Path, series: Sequence[str] = (), strict: bool = False
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """``load_case`` as (array without channel axis, affine, dtype)."""
+    case = load_case(path, series, strict)
+    return case.array, case.affine, case.dtype
 
 
 def percentiles(values: np.ndarray) -> dict[str, float]:

@@ -2,8 +2,9 @@
 
 Every image a command will use (plan: dataset.json's; train: the bundle's datalist; evaluate: the
 test images; predict: each input) is opened once first: it must exist, be readable as a NIfTI
-file or one regular DICOM series (dicom_checks.py), be 3-D with one channel, have the slices the
-command needs, and hold finite values. All problems are collected and
+file or one regular DICOM series (dicom_checks.py; from a folder holding several series, the one
+named with ``--series`` or the only axial CT series, named in the log), be 3-D with one channel,
+have the slices the command needs, and hold finite values. All problems are collected and
 reported together, each with its file name. Intensities outside a plausible CT (HU) range are
 a warning, not an error: the method works on any intensities, but the planner's window and the
 reports assume HU.
@@ -11,6 +12,8 @@ reports assume HU.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +21,10 @@ import numpy as np
 
 from .dataset import DatasetSpec
 from .errors import DatasetIntegrityError
-from .fingerprint import CaseFingerprint, CaseReadError, case_fingerprint, load_case_array, sample_voxels
+from .fingerprint import CaseFingerprint, CaseReadError, case_fingerprint, load_case, sample_voxels
+from .template import scripts
+
+logger = logging.getLogger("icmd_auto")
 
 # HU of air is -1000; real CT holds air (inside or around the body) and rarely exceeds a few
 # thousand HU (dense metal). Intensities in [0, 1] or without any air are probably not HU.
@@ -75,20 +81,32 @@ def ct_range_warning(case: CaseFingerprint) -> str | None:
 
 
 def check_image(
-    path: str | Path, min_slices: int = MIN_SLICES, purpose: str = "slice synthesis"
+    path: str | Path,
+    min_slices: int = MIN_SLICES,
+    purpose: str = "slice synthesis",
+    series: Sequence[str] = (),
+    strict: bool = False,
 ) -> tuple[CaseFingerprint, np.ndarray, np.ndarray]:
     """Open one image and check it; returns its fingerprint, its (X, Y, Z) array and its affine.
+
+    ``series``: SeriesInstanceUIDs to take from a DICOM folder holding several series (``strict``:
+    the folder must hold one of them). A series taken from a folder that holds more is named in
+    the log, with what was left aside, and in the fingerprint (as is a series named for its folder).
 
     Raises:
         CaseReadError: one line naming the file and the problem.
     """
-    array, affine, dtype = load_case_array(path)
-    problems = check_case(str(path), array, min_slices, purpose)
+    case = load_case(path, series, strict)
+    problems = check_case(str(path), case.array, min_slices, purpose)
     if problems:
         raise CaseReadError(problems[0])
-    if array.ndim == 4:
-        array = array[..., 0]
-    return case_fingerprint(path, array, affine, dtype), array, affine
+    array = case.array[..., 0] if case.array.ndim == 4 else case.array
+    fingerprint = case_fingerprint(path, array, case.affine, case.dtype)
+    if case.series is not None and (case.series.notable or case.series.named):
+        fingerprint.series = case.series.series.uid or None
+        if case.series.notable:
+            logger.info(case.series.describe())
+    return fingerprint, array, case.affine
 
 
 def verify_images(
@@ -97,9 +115,15 @@ def verify_images(
     min_slices: int = MIN_SLICES,
     purpose: str = "slice synthesis",
     pooled: int = 0,
+    series: Sequence[str] = (),
+    entry_series: Mapping[str, str] | None = None,
 ) -> IntegrityReport:
     """Open every image in ``paths``; raise with all problems at once, naming ``source`` (where the
     list comes from) when there are several.
+
+    ``series``: SeriesInstanceUIDs (``--series``) to take wherever a DICOM folder holds one of
+    them; each must be taken from some folder. ``entry_series``: the one series to take from a
+    given path (its dataset.json entry's "series"), which that folder must hold.
 
     Returns:
         the fingerprints of all images, voxel samples of the first ``pooled`` ones (for the
@@ -109,9 +133,14 @@ def verify_images(
         DatasetIntegrityError: one line per problem, each naming its file.
     """
     report, problems = IntegrityReport(), []
+    entry_series = dict(entry_series or {})
+    series = scripts.dicom_series.series_uids(series)
     for i, path in enumerate(paths):
+        named = entry_series.get(str(path))
         try:
-            case, array, _ = check_image(path, min_slices, purpose)
+            case, array, _ = check_image(
+                path, min_slices, purpose, series=(named,) if named else series, strict=bool(named)
+            )
         except CaseReadError as e:
             problems.append(str(e))
             continue
@@ -121,13 +150,23 @@ def verify_images(
         report.cases.append(case)
         if i < pooled:
             report.samples.append(sample_voxels(array, seed=i))
+    taken = {case.series for case in report.cases}
+    if not problems:  # a folder refused for another reason may hold the series
+        problems = [
+            f"{source}: no DICOM folder holds the series named {uid}" for uid in series if uid not in taken
+        ]
     if problems:
         raise DatasetIntegrityError(source, problems)
     return report
 
 
-def verify_dataset_integrity(spec: DatasetSpec, include_test: bool = False) -> IntegrityReport:
+def verify_dataset_integrity(
+    spec: DatasetSpec, include_test: bool = False, series: Sequence[str] = ()
+) -> IntegrityReport:
     """Open every training image (and the test images if asked); raise with all problems at once.
+
+    ``series``: SeriesInstanceUIDs (``--series``) to take where a DICOM folder holds several
+    series; an entry's own "series" is taken from its folder.
 
     Returns:
         the per-case fingerprints, pooled voxel samples and warnings of the training images (and
@@ -138,6 +177,8 @@ def verify_dataset_integrity(spec: DatasetSpec, include_test: bool = False) -> I
     """
     training = list(spec.training)
     paths = training + (list(spec.test) if include_test else [])
-    report = verify_images(paths, str(spec.path), pooled=len(training))
+    report = verify_images(
+        paths, str(spec.path), pooled=len(training), series=series, entry_series=spec.entry_series
+    )
     report.cases = report.cases[: len(training)]
     return report

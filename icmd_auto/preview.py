@@ -10,6 +10,7 @@ slice, so the rows in between show what the synthesis added.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -64,12 +65,16 @@ def preview_image(source: np.ndarray, prediction: np.ndarray, affine: np.ndarray
     return canvas
 
 
-def write_preview(source_path: Path, prediction_path: Path, factor: int, path: Path) -> Path:
+def write_preview(
+    source_path: Path, prediction_path: Path, factor: int, path: Path, series: Sequence[str] = ()
+) -> Path:
     """Write the preview of the NIfTI ``prediction_path`` made from ``source_path`` to ``path`` (.png).
 
+    ``series``: the SeriesInstanceUIDs named where a DICOM ``source_path`` holds several series.
     Written under a temporary name beside ``path`` and renamed into place.
     """
-    source, _, _ = load_case_array(source_path)  # the axes the bundle saw, as the prediction has them
+    # the axes the bundle saw, as the prediction has them
+    source, _, _ = load_case_array(source_path, series)
     if source.ndim == 4:
         source = source[..., 0]
     image = nib.load(str(prediction_path))

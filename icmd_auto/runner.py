@@ -7,8 +7,11 @@ run the same configs in-process through ``monai.bundle.ConfigWorkflow`` (no seco
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import difflib
+import hashlib
+import importlib.util
 import logging
 import os
 import subprocess
@@ -36,22 +39,77 @@ def trained_model(bundle: Path) -> Path:
     return model
 
 
-def _purge_scripts_modules() -> None:
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+PRIVATE_PREFIX = "_icmd_bundle_"
+
+
+def bundle_scripts(bundle: Path) -> str:
+    """Import ``<bundle>/scripts`` under a private package name; returns that name.
+
+    The bundle's configs name ``scripts.…`` targets, which ``python -m monai.bundle run`` resolves
+    with the bundle on sys.path. In this process the package is imported as
+    ``_icmd_bundle_<digest>`` (of the folder's path and its modules' contents) instead, so a
+    caller's own ``scripts`` module is neither replaced nor removed, and a bundle whose code
+    changed is imported afresh. The modules import each other relatively, so they work under
+    any package name.
+    """
+    root = (Path(bundle) / "scripts").resolve()
+    digest = hashlib.sha1(str(root).encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    name = PRIVATE_PREFIX + digest.hexdigest()[:16]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[loaded]
+            raise
+    return name
+
+
+def _scripts_targets(node, prefix: str = "") -> dict[str, str]:
+    """``{id: target}`` of every ``_target_`` of a config that names the bundle's ``scripts``."""
+    found = {}
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str) and target.startswith("scripts."):
+            found[f"{prefix}_target_"] = target
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, value in items:
+        found.update(_scripts_targets(value, f"{prefix}{key}#"))
+    return found
+
+
+def private_targets(bundle: Path, config_files: list[str]) -> dict[str, str]:
+    """Overrides that point the configs' ``scripts.…`` targets at the bundle's private package.
+
+    Passed with the other overrides to ConfigWorkflow, ConfigParser.update or MONAI's bundle
+    functions (``ckpt_export``, ``verify_net_in_out``), they run the bundle in this process
+    without a module named ``scripts``; the files on disk keep ``scripts.…`` for MONAI users.
+    """
+    from monai.bundle import ConfigParser
+
+    name = bundle_scripts(bundle)
+    parser = ConfigParser()
+    parser.read_config(f=[str(Path(bundle) / "configs" / c) for c in config_files])
+    return {key: name + target[len("scripts") :] for key, target in _scripts_targets(parser.get()).items()}
 
 
 @contextlib.contextmanager
-def bundle_on_path(bundle: Path):
-    """Make ``scripts`` resolve to this bundle's package (and only for the duration)."""
-    _purge_scripts_modules()
-    sys.path.insert(0, str(bundle))
+def _sys_path_kept():
+    """Take back what a workflow adds to sys.path (the configs' ``initialize`` and ConfigWorkflow.run
+    put the bundle there for ``scripts``, which this process imports under its private name)."""
+    before = list(sys.path)
     try:
         yield
     finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(str(bundle))
-        _purge_scripts_modules()
+        if sys.path != before:
+            sys.path[:] = before
 
 
 # `monai.bundle run` options that are not config keys but may be passed like overrides
@@ -99,8 +157,8 @@ def config_value(bundle: Path, config_files: list[str], key: str, **overrides):
 
     parser = ConfigParser()
     parser.read_config(f=[str(bundle / "configs" / name) for name in config_files])
-    parser.update({"bundle_root": str(bundle), **overrides})
-    with bundle_on_path(bundle):
+    parser.update({"bundle_root": str(bundle), **private_targets(bundle, config_files), **overrides})
+    with _sys_path_kept():
         return parser.get_parsed_content(key)
 
 
@@ -130,6 +188,31 @@ class _ReportedByCaller(logging.Filter):
         return not (record.levelno >= logging.ERROR and record.name.startswith("ignite.engine"))
 
 
+class _LoggingKept:
+    """The state of the loggers a workflow reconfigures in this process, to put back afterwards.
+
+    ConfigWorkflow applies the bundle's logging.conf (the root logger at INFO with a handler of
+    its own, and the loggers the file names) and a quiet session raises the root logger and
+    MONAI's workflow logger to WARNING; a program that uses icmd_auto keeps its own logging.
+    """
+
+    def __init__(self, logging_conf: Path):
+        conf = configparser.ConfigParser(interpolation=None)
+        conf.read(logging_conf)
+        keys = [k.strip() for k in conf.get("loggers", "keys", fallback="").split(",")]
+        named = [conf.get(f"logger_{k}", "qualname", fallback=None) for k in keys if k and k != "root"]
+        loggers = [logging.getLogger()] + [
+            logging.getLogger(name) for name in ("monai.bundle.workflows", *named) if name
+        ]
+        self.saved = [(lg, lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in loggers]
+
+    def restore(self) -> None:
+        for lg, level, handlers, propagate, disabled in self.saved:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate, lg.disabled = propagate, disabled
+
+
 def _all_handlers() -> set[logging.Handler]:
     loggers = [logging.getLogger()] + [
         lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
@@ -144,31 +227,38 @@ class InferenceSession:
     again (ConfigWorkflow evaluates them afresh each time, for streaming use); the outputs land in
     the ``output_dir`` override. After a failed case the workflow is rebuilt for the next one.
     Errors raise WorkflowError naming the innermost cause.
+
+    Nothing global outlives the session: the bundle's code is imported under a private package
+    name (``private_targets``), and sys.path and the loggers the workflow changes are put back
+    (on ``close``).
     """
 
     def __init__(self, bundle: Path, config_files: list[str], quiet: bool = False, **overrides):
         self.bundle, self.config_files, self.quiet = bundle, config_files, quiet
         self.overrides = {"bundle_root": str(bundle), **overrides}
         self.workflow = None
-        self._path = contextlib.ExitStack()
+        self._logging: _LoggingKept | None = None
 
     def _start(self, datalist: list[str]) -> None:
         from monai.bundle import ConfigWorkflow
 
+        logging_conf = self.bundle / "configs" / "logging.conf"
+        if self._logging is None:
+            self._logging = _LoggingKept(logging_conf)
         if self.quiet:  # MONAI's own logger announces the workflow at INFO
             logging.getLogger("monai.bundle.workflows").setLevel(logging.WARNING)
         configs = [str(self.bundle / "configs" / name) for name in self.config_files]
-        self._path.enter_context(bundle_on_path(self.bundle))
         workflow = ConfigWorkflow(
             config_file=configs if len(configs) > 1 else configs[0],
             meta_file=str(self.bundle / "configs" / "metadata.json"),
-            logging_file=str(self.bundle / "configs" / "logging.conf"),
+            logging_file=str(logging_conf),
             workflow_type=None,
-            **{**self.overrides, "datalist": datalist},
+            **{**private_targets(self.bundle, self.config_files), **self.overrides, "datalist": datalist},
         )
         if self.quiet:
             logging.getLogger().setLevel(logging.WARNING)
-        workflow.initialize()
+        with _sys_path_kept():
+            workflow.initialize()
         self.workflow = workflow
 
     def run(self, datalist: list[str]) -> None:
@@ -183,7 +273,8 @@ class InferenceSession:
             for handler in handlers:
                 handler.addFilter(reported)
             try:
-                self.workflow.run()
+                with _sys_path_kept():
+                    self.workflow.run()
             finally:
                 for handler in handlers:
                     handler.removeFilter(reported)
@@ -196,10 +287,12 @@ class InferenceSession:
 
     def close(self) -> None:
         if self.workflow is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), _sys_path_kept():
                 self.workflow.finalize()
             self.workflow = None
-        self._path.close()
+        if self._logging is not None:
+            self._logging.restore()
+            self._logging = None
 
     def __enter__(self) -> InferenceSession:
         return self

@@ -122,3 +122,27 @@ def tiny_work(tmp_path_factory, chest_x3) -> Path:
     result = run_bundle(root / "work" / "bundle", ["train.json"], TINY_TRAIN)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / "work"
+
+
+# the phantom of phantom_work: small, thick (3 mm slices), CT-like; no real CT needed
+PHANTOM_SHAPE, PHANTOM_SPACING = (32, 32, 12), (1.0, 1.0, 3.0)
+
+
+@pytest.fixture(scope="session")
+def phantom_work(tmp_path_factory) -> Path:
+    """A tiny bundle planned at x3 on a synthetic CT phantom and trained a few iterations.
+
+    For tests that need a trained bundle but not real data: they run in a clone without
+    ../shared. The phantom is ``phantom_work.parent / "phantom.nii.gz"``.
+    """
+    from icmd_auto import api
+    from icmd_auto.synthetic import ct_phantom, save_nifti
+
+    root = tmp_path_factory.mktemp("phantom_work")
+    image = root / "phantom.nii.gz"
+    save_nifti(ct_phantom(PHANTOM_SHAPE, PHANTOM_SPACING), PHANTOM_SPACING, str(image))
+    dataset = write_dataset(root / "dataset.json", [image])
+    api.plan(dataset, root / "work", preset="tiny", memory_gb=2, factor=3, recipe="icmd")  # all three views
+    result = run_bundle(root / "work" / "bundle", ["train.json"], TINY_TRAIN)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "work"

@@ -3,6 +3,8 @@ non-zero exit, no traceback, and no output. A non-CT intensity range is a warnin
 
 Each case runs the command's main() in this process (run_main), as `python -m icmd_auto` does;
 test_truncated_file_from_the_real_command_line runs real processes for one case of each command.
+The trained bundle is conftest's phantom_work (a synthetic phantom): only the DICOM cases need the
+real series in ../shared/data, so a clone without it still runs every other case.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from icmd_auto.errors import ICMDError
 from icmd_auto.synthetic import ct_phantom
 
 COMMANDS = ("plan", "train", "predict", "evaluate")
-FACTOR = 3  # the factor of `planned` here and of the session's tiny_work
+FACTOR = 3  # the factor of `planned` here and of the session's phantom_work (conftest)
 SPACING = (1.0, 1.0, 3.0)
 
 # case -> what the one error line says (besides the file's path)
@@ -34,14 +36,19 @@ REFUSALS = {
     "nan_inf": "2 voxels are NaN or Inf",
     "few_slices": None,  # per command, below
     "dicom_missing_slice": "missing slice(s): 4 mm between instances 275 and 277, 2 times the series' 2 mm step",
-    "dicom_mixed_series": "mixed series: 2 SeriesInstanceUIDs in one folder",
+    # two series in one folder, neither named: listed for --series (tests/test_dicom_export.py)
+    "dicom_mixed_series": (
+        '2 axial CT series; name one with --series UID (or "series" in its dataset.json entry): '
+        '1.2.826.0.1.3680043.8.498.1 "CT Body 3.0" (10 slices, 3 mm, kernel Br38f\\3); '
+        '1.2.826.0.1.3680043.8.498.2 "CT Body 3.0" (10 slices, 3 mm, kernel Br38f\\3)'
+    ),
     "dicom_mixed_geometry": "mixed series: slices of 512x512 and 256x256 pixels in one folder",
     "dicom_varying_spacing": "varying slice spacing: 2.5 mm between instances 277 and 278, 2 mm elsewhere",
     "unknown_key": None,
 }
 FEW_SLICES = {
     "plan": "too few slices for factor 3: internal learning needs at least r+1 = 4 slices per case; few.nii.gz (3 slices)",
-    "train": "3 slice(s); internal learning at x3 needs at least 4",
+    "train": "3 slice(s); internal learning at x3 with 3 slices held out for validation needs at least 7",
     "predict": "1 slice(s); slice synthesis needs at least 2",
     "evaluate": "3 slice(s); the simulated-thick protocol at x3 needs at least 4",
 }
@@ -132,7 +139,7 @@ def planned(tmp_path_factory, good) -> Path:
 
 
 def command_line(
-    command: str, bad: Path, tmp_path: Path, good, planned, tiny_work
+    command: str, bad: Path, tmp_path: Path, good, planned, phantom_work
 ) -> tuple[list[str], list[Path]]:
     """``command`` meeting ``bad`` the way a user would; returns its arguments and the outputs it
     must not write when it refuses."""
@@ -157,11 +164,12 @@ def command_line(
         return ["train", *args], [work / "bundle" / "models", work / "bundle" / "logs"]
     if command == "predict":
         out = tmp_path / "out" / "thin.nii.gz"
-        return ["predict", "--work", str(tiny_work), "--input", str(bad), "--output", str(out)], [out.parent]
+        args = ["--work", str(phantom_work), "--input", str(bad), "--output", str(out)]
+        return ["predict", *args], [out.parent]
     if command == "evaluate":
         dataset = write_dataset(tmp_path / "dataset.json", [good], test=[bad])
         report = tmp_path / "report.json"
-        args = ["--work", str(tiny_work), "--dataset", str(dataset), "--out", str(report)]
+        args = ["--work", str(phantom_work), "--dataset", str(dataset), "--out", str(report)]
         return ["evaluate", *args], [report, report.with_name("report.json.partial")]
     raise ValueError(command)
 
@@ -179,9 +187,9 @@ def assert_refused(result, names: str, says: str, outputs: list[Path]) -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("case", list(REFUSALS))
-def test_bad_input_is_refused_in_one_line(case, command, tmp_path, capfd, good, planned, tiny_work):
+def test_bad_input_is_refused_in_one_line(case, command, tmp_path, capfd, good, planned, phantom_work):
     if case == "unknown_key":
-        args, outputs = command_line(command, good, tmp_path, good, planned, tiny_work)
+        args, outputs = command_line(command, good, tmp_path, good, planned, phantom_work)
         if command == "plan":  # plan takes no config overrides: an unknown option
             result = run_main(capfd, *args, "--no_such_key", "1")
             assert result.returncode == 2 and result.stderr.startswith(
@@ -195,7 +203,7 @@ def test_bad_input_is_refused_in_one_line(case, command, tmp_path, capfd, good, 
         assert_refused(result, "--icmd#gama", "no such key", outputs)
         return
     bad = make_bad(case, command, tmp_path)
-    args, outputs = command_line(command, bad, tmp_path, good, planned, tiny_work)
+    args, outputs = command_line(command, bad, tmp_path, good, planned, phantom_work)
     result = run_main(capfd, *args)
     says = FEW_SLICES[command] if case == "few_slices" else REFUSALS[case]
     names = bad.name if case == "few_slices" and command == "plan" else str(bad)
@@ -209,9 +217,9 @@ def test_unknown_key_suggests_the_one_meant(planned, capfd):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_non_ct_intensities_warn_and_go_on(command, tmp_path, capfd, good, planned, tiny_work):
+def test_non_ct_intensities_warn_and_go_on(command, tmp_path, capfd, good, planned, phantom_work):
     unit = _nifti(tmp_path / "unit.nii.gz", np.random.default_rng(0).random((32, 32, 12)).astype(np.float32))
-    args, outputs = command_line(command, unit, tmp_path, good, planned, tiny_work)
+    args, outputs = command_line(command, unit, tmp_path, good, planned, phantom_work)
     result = run_main(capfd, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     warning = f"warning: {unit}: no air found (0.5th percentile 0.0); the intensities may not be CT Hounsfield units"
@@ -220,16 +228,16 @@ def test_non_ct_intensities_warn_and_go_on(command, tmp_path, capfd, good, plann
 
 
 @pytest.mark.parametrize("command", ["train", "predict"])  # a child process; the in-process workflow
-def test_truncated_file_from_the_real_command_line(command, tmp_path, good, planned, tiny_work):
+def test_truncated_file_from_the_real_command_line(command, tmp_path, good, planned, phantom_work):
     """As a user runs it: a new process, its real exit status and stderr."""
     bad = make_bad("truncated", command, tmp_path)
-    args, outputs = command_line(command, bad, tmp_path, good, planned, tiny_work)
+    args, outputs = command_line(command, bad, tmp_path, good, planned, phantom_work)
     assert_refused(run_cli(*args), str(bad), REFUSALS["truncated"], outputs)
 
 
-def test_debug_shows_the_traceback(tmp_path, tiny_work, capfd):
+def test_debug_shows_the_traceback(tmp_path, phantom_work, capfd):
     bad = make_bad("truncated", "predict", tmp_path)
-    args, _ = command_line("predict", bad, tmp_path, None, None, tiny_work)
+    args, _ = command_line("predict", bad, tmp_path, None, None, phantom_work)
     result = run_cli(*args, "--debug")
     assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr
     assert result.stderr.strip().endswith(

@@ -89,14 +89,14 @@ def test_archive_holds_a_model_zoo_bundle_without_local_paths(archive, unzipped,
     assert meta["version"] == "0.1.0" and "0.1.0" in meta["changelog"]
     assert "eval_metrics" not in meta, "no report, no numbers"
     assert meta["network_data_format"]["outputs"]["pred"]["spatial_shape"] == ["8*n", "8*n", "2*n*3"]
-    with runner.bundle_on_path(unzipped):  # the declared input runs through the network (channels, dtype)
-        verify_net_in_out(
-            net_id="network_def",
-            meta_file=str(unzipped / "configs" / "metadata.json"),
-            config_file=str(unzipped / "configs" / "inference.json"),
-            n=2,
-            any=2,
-        )
+    verify_net_in_out(  # the declared input runs through the network (channels, dtype)
+        net_id="network_def",
+        meta_file=str(unzipped / "configs" / "metadata.json"),
+        config_file=str(unzipped / "configs" / "inference.json"),
+        n=2,
+        any=2,
+        **runner.private_targets(unzipped, ["inference.json"]),
+    )
     card = (unzipped / "docs" / "README.md").read_text()
     for section in ("## This model", "## Measured results", "## Training", "## Inference", "## Intended use"):
         assert section in card, section

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CHEST, requires_shared_data, run_cli, write_dataset
+from conftest import CHEST, REPO, requires_shared_data, run_cli, run_main, write_dataset
 from monai.bundle import ConfigParser
 
 from icmd_auto import api, planner
@@ -70,12 +70,21 @@ def test_patch_and_batch_shrink_with_the_memory_budget(thick_fingerprint):
 
 
 def test_time_budget_sizes_the_schedule(thick_fingerprint):
-    short = plan_experiment(thick_fingerprint, PlanOptions(preset="tiny", memory_gb=2, time_budget_min=0.5))
-    long = plan_experiment(thick_fingerprint, PlanOptions(preset="tiny", memory_gb=2, time_budget_min=5))
+    def planned(minutes, seconds=None):
+        options = PlanOptions(
+            preset="tiny", memory_gb=2, time_budget_min=minutes, seconds_per_iteration=seconds
+        )
+        return plan_experiment(thick_fingerprint, options)
+
+    # with the seconds per iteration given, the schedule follows from the budget alone (no machine load)
+    short, long = planned(0.5, 0.05), planned(5, 0.05)
     total = lambda p: p["training"]["value"]["epochs"] * p["training"]["value"]["iterations_per_epoch"]  # noqa: E731
-    assert total(long) > 5 * total(short)
+    assert total(short) == 300 and total(long) == 5000, "15 s and 250 s of training at 0.05 s"
     assert short["training"]["value"]["time_limit_s"] == 30
-    assert "measured seconds per iteration" in short["training"]["reason"]
+    assert "0.05 s per iteration" in short["training"]["reason"]
+    measured = planned(0.5)["seconds_per_iteration"]
+    assert measured["value"] > 0 and "timing probe" in measured["reason"]
+    assert measured["machine"] == planner.machine_description()
 
 
 @requires_shared_data
@@ -125,7 +134,7 @@ def test_recipe_default_is_the_measured_one_and_icmd_gives_the_papers_method(tmp
     dataset = write_dataset(tmp_path / "dataset.json", [path])
     default = api.plan(dataset, tmp_path / "default", preset="tiny")
     assert default["recipe"]["value"] == planner.DEFAULT_RECIPE == "inplane"
-    assert "docs/RESULTS.md" in default["recipe"]["reason"]
+    assert planner.RECIPE_EVIDENCE["record"] in default["recipe"]["reason"]
     train = json.loads((tmp_path / "default" / "bundle" / "configs" / "train.json").read_text())
     assert train["icmd"]["views"] == ["c", "s"] and train["icmd"]["inplane_pairs"] is True
     assert train["icmd"]["lambda_cmd"] == 0.0 and train["icmd"]["fusion"] == "mean_cs"
@@ -138,3 +147,58 @@ def test_recipe_default_is_the_measured_one_and_icmd_gives_the_papers_method(tmp
 
     result = run_cli("plan", "--dataset", str(dataset), "--work", str(tmp_path / "x"), "--recipe", "seed")
     assert result.returncode == 1 and "unknown recipe 'seed'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_recipe_reason_cites_rows_of_the_benchmark_record_that_support_it():
+    """The default recipe's reason names rows of docs/results.json, and what it says of them holds there."""
+    evidence = planner.RECIPE_EVIDENCE
+    record = json.loads((REPO / evidence["record"]).read_text())
+    rows = record["results"][evidence["volume"]][str(evidence["factor"])]
+    default = rows[evidence["default"]]["psnr_syn"]
+    others = [name for name in rows if name.startswith(evidence["others"])]
+    assert evidence["paper"] in others and evidence["closest"] in others
+    assert all(default > rows[name]["psnr_syn"] for name in others), "the default beats them all"
+    reason = planner.DEFAULT_RECIPE_REASON
+    for name in (evidence["record"], evidence["default"], evidence["paper"], evidence["closest"]):
+        assert name in reason
+    assert "dB" not in reason, "figures live in the record, not in the code"
+
+
+def _timing(seconds: float):
+    """planner.seconds_per_iteration on a machine where a float32 step takes ``seconds`` (bf16 twice that)."""
+    return lambda *args, amp=False, **kwargs: seconds * (2 if amp else 1)
+
+
+def test_recorded_seconds_per_iteration_give_the_same_plan_on_a_busy_machine(tmp_path, monkeypatch, capfd):
+    path = tmp_path / "thick.nii.gz"
+    save_nifti(ct_phantom((48, 48, 12), (1.0, 1.0, 3.0)), (1.0, 1.0, 3.0), str(path))
+    dataset = write_dataset(tmp_path / "dataset.json", [path])
+    options = {"preset": "tiny", "memory_gb": 2, "time_budget_min": 1}
+    monkeypatch.setattr(planner, "seconds_per_iteration", _timing(0.01))
+    idle = api.plan(dataset, tmp_path / "idle", **options)
+    recorded = idle["seconds_per_iteration"]
+    assert recorded["value"] == 0.01 and recorded["machine"] == planner.machine_description()
+
+    monkeypatch.setattr(planner, "seconds_per_iteration", _timing(0.05))  # the same machine, busy
+    busy = api.plan(dataset, tmp_path / "busy", **options)
+    total = lambda p: p["training"]["value"]["epochs"] * p["training"]["value"]["iterations_per_epoch"]  # noqa: E731
+    assert total(busy) < total(idle), "measured on a busy machine, the plan has fewer iterations"
+
+    result = run_main(
+        capfd, "plan", "--dataset", str(dataset), "--work", str(tmp_path / "again"), "--preset", "tiny",
+        "--memory_gb", "2", "--time_budget_min", "1", "--seconds_per_iteration", str(recorded["value"]),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "0.01 s per iteration (given)" in result.stdout
+    again = json.loads((tmp_path / "again" / "plans.json").read_text())
+    assert again["seconds_per_iteration"] == {
+        "value": 0.01,
+        "machine": None,
+        "reason": "given (--seconds_per_iteration): no timing probe",
+    }
+    values = lambda p: {k: v["value"] for k, v in p.items() if isinstance(v, dict) and "value" in v}  # noqa: E731
+    assert values(again) == values(idle), "the plan made on the idle machine, decision for decision"
+    for config in ("train.json", "inference.json"):
+        assert (tmp_path / "again" / "bundle" / "configs" / config).read_text() == (
+            tmp_path / "idle" / "bundle" / "configs" / config
+        ).read_text()

@@ -3,7 +3,9 @@ prediction goes past a failing case and resumes; previews; progress only where s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
 import pty
 import re
@@ -60,22 +62,37 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
 
     work = planned(tmp_path, thick_crop, "interrupted")
-    # kill -9 the whole training (icmd_auto and its monai.bundle child) right after the first checkpoint
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "icmd_auto", "train", "--work", str(work), *overrides_args(TRAIN)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=str(REPO),
+    # a test flag given as the bundle's own `run` override: one more expression, just before the one
+    # that starts the trainer (everything is built in the same order as in the uninterrupted run),
+    # makes the run mark and block at the start of epoch 2, after epoch 1's handlers wrote
+    # checkpoint_1 and before checkpoint_2 could prune it: the kill below lands there every time
+    paused = tmp_path / "paused_after_checkpoint_1"
+    run = json.loads((work / "bundle" / "configs" / "train.json").read_text())["run"]
+    assert run[-1] == "$@train#trainer.run()", run[-1]
+    hold = (  # no word "import" in it: MONAI would parse the expression as an import statement
+        "$@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_STARTED(once=2), "
+        f"lambda engine: [open({str(paused)!r}, 'w').close(), sys.modules['time'].sleep(600)])"
     )
-    first = work / "bundle" / "models" / "checkpoint_1.pt"
+    log = tmp_path / "interrupted.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "icmd_auto", "train", "--work", str(work), *overrides_args(TRAIN)]
+            + ["--run", repr([*run[:-1], hold, run[-1]])],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(REPO),
+        )
     deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert first.exists(), "no checkpoint appeared"
-    os.killpg(proc.pid, signal.SIGKILL)
+    while not paused.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the mark stays and the run is blocked: nothing to race
+    held = paused.exists()
+    with contextlib.suppress(ProcessLookupError):  # kill -9 icmd_auto and its monai.bundle child
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (work / "bundle" / "models" / "checkpoint_4.pt").exists(), "killed before the end"
+    assert held, f"the run did not reach epoch 2:\n{log.read_text()[-3000:]}"
+    checkpoints = sorted(p.name for p in (work / "bundle" / "models").glob("checkpoint_*.pt"))
+    assert checkpoints == ["checkpoint_1.pt"], checkpoints
 
     resumed = run_cli("train", "--work", str(work), *overrides_args(TRAIN))
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -32,16 +32,42 @@ def crop_work(tmp_path_factory):
     return root / "work"
 
 
-def read_metrics(bundle):
-    return [json.loads(line) for line in (bundle / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+def read_metrics(bundle, name="train_metrics.jsonl"):
+    return [json.loads(line) for line in (bundle / "logs" / name).read_text().splitlines()]
+
+
+def assert_model_is_the_best_validated(bundle):
+    """model.pt holds the network of the epoch with the highest validation PSNR so far."""
+    validations = read_metrics(bundle, "validation_metrics.jsonl")
+    best = max(validations, key=lambda r: r["val_psnr"])
+    assert (
+        validations[-1]["best_metric"] == best["val_psnr"]
+        and validations[-1]["best_metric_epoch"] == best["epoch"]
+    )
+    model = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    saved = torch.load(bundle / "models" / f"checkpoint_{best['epoch']}.pt", weights_only=True)["network"]
+    assert all(torch.equal(model[k], saved[k]) for k in saved)
+    return validations
 
 
 @requires_shared_data
 def test_bundle_trains_without_icmd_auto_through_the_stages_and_resumes(crop_work):
     bundle = crop_work / "bundle"
-    overrides = {"epochs": 3, "iterations_per_epoch": 2, "log_interval": 1, "icmd#level_start_epochs": [1, 2]}
+    overrides = {
+        "epochs": 3,
+        "iterations_per_epoch": 2,
+        "log_interval": 1,
+        "icmd#level_start_epochs": [1, 2],
+        "validation#interval": 2,
+        "train#checkpoint#n_saved": 10,  # every epoch's checkpoint kept, to compare model.pt with
+    }
     result = run_bundle(bundle, ["train.json"], overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # validated every 2 epochs and on the last weights; the key metric in the log; model.pt the best
+    assert "Key metric: val_psnr best value" in result.stdout + result.stderr
+    validations = assert_model_is_the_best_validated(bundle)
+    assert [r["epoch"] for r in validations] == [2, 3]
+    assert all(set(r) >= {"val_psnr", "val_psnr_a", "val_psnr_c", "val_psnr_s"} for r in validations)
     records = read_metrics(bundle)
     assert [r["stage"] for r in records] == [0, 0, 1, 1, 2, 2]
     for r in records:
@@ -56,6 +82,8 @@ def test_bundle_trains_without_icmd_auto_through_the_stages_and_resumes(crop_wor
     assert "resumed from checkpoint_3.pt: epoch 3, iteration 6" in result.stdout + result.stderr
     resumed = read_metrics(bundle)[len(records) :]
     assert [(r["epoch"], r["stage"]) for r in resumed] == [(4, 2), (4, 2), (5, 2), (5, 2)]
+    # the best of all validations, before and after the resume
+    assert [r["epoch"] for r in assert_model_is_the_best_validated(bundle)] == [2, 3, 4, 5]
 
 
 # --- every switch changes behaviour -----------------------------------------------------------

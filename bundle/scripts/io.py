@@ -2,6 +2,9 @@
 
 Axis convention everywhere in this bundle: a volume is (X, Y, Z) in the file's voxel order
 (no reorientation), Z is the slice axis, and a channel-first tensor is (1, X, Y, Z).
+
+A DICOM folder may be a study export with several series; dicom_series.py says which one is
+the volume, and its DicomSeriesReader (the configs' DICOM reader) reads that one.
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-# MONAI's LoadImage tries readers from the last to the first: NIfTI files go to nibabel,
-# folders (which nibabel refuses) to pydicom.
-READERS = ["PydicomReader", "NibabelReader"]
+from .dicom_series import has_dicom_marker, is_series_export
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -23,26 +25,22 @@ def is_nifti(path: str | Path) -> bool:
 
 
 def is_dicom_dir(path: str | Path) -> bool:
-    """A folder that holds at least one DICOM file (by the 'DICM' preamble marker)."""
+    """A folder read as one DICOM volume: it holds DICOM files itself (by the 'DICM' preamble
+    marker), or it holds no NIfTI file and two or more of its subfolders hold DICOM files of one
+    study (a study export with a folder per series). Otherwise a folder is a folder of volumes."""
     path = Path(path)
     if not path.is_dir():
         return False
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            try:
-                with open(f, "rb") as fh:
-                    fh.seek(128)
-                    if fh.read(4) == b"DICM":
-                        return True
-            except OSError:
-                continue
-    return False
+    files = [f for f in sorted(path.iterdir()) if f.is_file()]
+    if any(has_dicom_marker(f) for f in files):
+        return True
+    return not any(is_nifti(f) for f in files) and is_series_export(path)
 
 
 def list_inputs(dataset_dir: str | Path) -> list[str]:
-    """The volumes under ``dataset_dir``: NIfTI files and DICOM series folders, sorted.
+    """The volumes under ``dataset_dir``: NIfTI files and DICOM folders (``is_dicom_dir``), sorted.
 
-    ``dataset_dir`` may itself be one NIfTI file or one DICOM series folder.
+    ``dataset_dir`` may itself be one NIfTI file or one DICOM folder.
     """
     root = Path(dataset_dir)
     if is_nifti(root) and root.is_file():

@@ -11,11 +11,14 @@ Per batch of standardised thick patches V (B, 1, X, Y, Z):
    output; L_v^n on the ``gamma`` fraction of synthesized positions where views agree best.
 
 Total L = sum_v L_v^int + lambda_cmd * sum_{v in cmd_views} L_v^cmd + lambda_mem * (L^com + L^sep).
-The engine's output is a dict of floats, one per term (the metrics log writes them).
+The engine's output is a dict of floats, one per term (the metrics log writes them). With the
+trainer's ``amp`` the losses are computed under ``torch.autocast`` (``autocast``) and stepped
+through the trainer's GradScaler when it has an enabled one (CUDA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -27,6 +30,22 @@ from .degradation import covered, inplane_pair, inplane_planes, internal_pair
 from .losses import WaveletHighFrequencyLoss, cross_view_distillation, memory_losses
 
 LOSS_TERMS = ("int_a", "int_c", "int_s", "cmd_c", "cmd_s", "com", "sep", "total")
+
+
+def autocast(engine: Any, device: torch.device):
+    """The engine's mixed precision (MONAI's ``amp`` and ``amp_kwargs``) as a context for ``device``.
+
+    With ``engine.amp``: ``torch.autocast`` on the device in ``amp_kwargs["dtype"]`` (train.json's
+    ``amp_dtype``: bf16 by default, which has fp32's exponent range; fp16 overflowed in the paper
+    preset's forward on an H200), else torch's default for the device, bf16 on a CPU. Without:
+    no autocast.
+    """
+    if not getattr(engine, "amp", False):
+        return contextlib.nullcontext()
+    kwargs = dict(getattr(engine, "amp_kwargs", None) or {})
+    if device.type != "cuda":
+        kwargs.setdefault("dtype", torch.bfloat16)
+    return torch.autocast(device.type, **kwargs)
 
 
 def _sample(n: int, k: int, device) -> torch.Tensor:
@@ -221,9 +240,19 @@ class ICMDIteration:
         gamma = float(getattr(engine.state, "gamma", self.gamma))
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        terms = engine.network(volume, objective=functools.partial(self.losses, stage=stage, gamma=gamma))
-        terms["total"].backward()
-        engine.optimizer.step()
+        objective = functools.partial(self.losses, stage=stage, gamma=gamma)
+        with autocast(engine, volume.device):
+            terms = engine.inferer(volume, engine.network, objective=objective)  # the trainer's train#inferer
+        # SupervisedTrainer makes a GradScaler when amp is on (enabled on CUDA only): the loss is
+        # scaled against fp16 gradient underflow (harmless with bf16) and steps with inf/NaN skipped
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(terms["total"]).backward()
+            scaler.step(engine.optimizer)
+            scaler.update()
+        else:
+            terms["total"].backward()
+            engine.optimizer.step()
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["loss"] = out["total"]
         return out

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointSaver
 from monai.transforms import Randomizable
 
 
@@ -85,16 +86,89 @@ def latest_checkpoint(directory: str, prefix: str = "checkpoint") -> str | None:
     return max(found)[1] if found else None
 
 
+class GradScalerState:
+    """The trainer's GradScaler as a state dict, so that a resumed mixed-precision run continues
+    with the loss scale it had. SupervisedTrainer makes the scaler when it starts (amp on); with
+    amp off, or on a CPU where the scaler is disabled, the state is empty."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        scaler = getattr(self.trainer, "scaler", None)
+        return scaler.state_dict() if scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        scaler = getattr(self.trainer, "scaler", None)
+        if scaler is not None and state:
+            scaler.load_state_dict(state)
+
+
+class _ReplacingSaver(DiskSaver):
+    """Writes every checkpoint to one fixed file name, replacing it atomically; never removes it."""
+
+    def __init__(self, dirname: str, filename: str):
+        super().__init__(dirname, atomic=True, require_empty=False)
+        self.filename = filename
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        super().__call__(checkpoint, self.filename, metadata)
+
+    def remove(self, filename: str) -> None:  # the new file has replaced it
+        pass
+
+
+class BestModelSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver(save_key_metric=True)`` keeping the best model in one file, safely.
+
+    Attached to the validation evaluator: when the key metric beats every earlier value, the
+    network's state dict replaces ``<save_dir>/<key_metric_filename>`` (``model.pt``, what
+    inference loads). Two changes to MONAI's saver: the file is replaced atomically (MONAI's
+    deletes the old file and writes the new one in place, so a run killed between the two leaves
+    no model or half of one), and ``state_dict`` / ``load_state_dict`` hold the best score and its
+    epoch, which TrainingCheckpoint saves with the training state: a resumed run keeps a better
+    model found before the interruption, and the evaluator's log reports the same best.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, key_metric_filename: str = "model.pt", **kwargs):
+        super().__init__(
+            save_dir, save_dict, save_key_metric=True, key_metric_filename=key_metric_filename, **kwargs
+        )
+        os.makedirs(save_dir, exist_ok=True)
+        self._key_metric_checkpoint.save_handler = _ReplacingSaver(save_dir, key_metric_filename)
+        self.engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        state = {"saved": self._key_metric_checkpoint.state_dict()["_saved"]}
+        if self.engine is not None:
+            state["best_metric"] = float(self.engine.state.best_metric)
+            state["best_metric_epoch"] = int(self.engine.state.best_metric_epoch)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict({"_saved": state["saved"]})
+        if self.engine is not None and "best_metric" in state:
+            self.engine.state.best_metric = state["best_metric"]
+            self.engine.state.best_metric_epoch = state["best_metric_epoch"]
+
+
 class TrainingCheckpoint:
     """Save the training state every ``interval`` epochs and resume from the latest on start.
 
     Files (written atomically: a killed run never leaves a half-written file):
         ``<save_dir>/checkpoint_<epoch>.pt``: everything in ``save_dict`` (network, optimizer,
-            scheduler, trainer, RNG states), the last ``n_saved`` kept;
-        ``<save_dir>/model.pt``: the network's state dict alone, what inference loads; written
-            at each save and when training ends (also when a time limit stops it).
+            scheduler, trainer, RNG states, the best-model tracking), the last ``n_saved`` kept;
+        ``<save_dir>/model.pt``: with ``save_model``, the network's state dict alone, what
+            inference loads, written at each save and when training ends (also when a time limit
+            stops it). Without (training validates), BestModelSaver writes the best model there.
 
-    Loading uses ``torch.load(weights_only=True)``.
+    Loading uses ``torch.load(weights_only=True)``. An entry of ``save_dict`` that a checkpoint
+    lacks (saved by a configuration without it, e.g. before validation was switched on) starts
+    fresh, with a log line; the network must be there.
     """
 
     def __init__(
@@ -105,10 +179,11 @@ class TrainingCheckpoint:
         interval: int = 1,
         n_saved: int = 1,
         resume: bool = True,
+        save_model: bool = True,
         name: str | None = None,
     ):
         self.save_dir, self.save_dict, self.network = save_dir, save_dict, network
-        self.interval, self.resume = max(int(interval), 1), resume
+        self.interval, self.resume, self.save_model_file = max(int(interval), 1), resume, save_model
         self.logger = logging.getLogger(name or __name__)
         os.makedirs(save_dir, exist_ok=True)
         self.saver = DiskSaver(save_dir, atomic=True, require_empty=False)
@@ -137,7 +212,11 @@ class TrainingCheckpoint:
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
         max_epochs = engine.state.max_epochs  # the configured run length wins over the saved one
-        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=state)
+        missing = [k for k in self.save_dict if k not in state and k != "network"]
+        if missing:
+            self.logger.info(f"{os.path.basename(path)} has no {', '.join(missing)}: starting them fresh")
+        to_load = {k: v for k, v in self.save_dict.items() if k not in missing}
+        Checkpoint.load_objects(to_load=to_load, checkpoint=state)
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
         self.logger.info(
             f"resumed from {os.path.basename(path)}: epoch {engine.state.epoch}, iteration {engine.state.iteration}"
@@ -157,6 +236,6 @@ class TrainingCheckpoint:
                 os.remove(path)
 
     def save_model(self, engine: Engine) -> None:
-        if self._is_writer():
+        if self.save_model_file and self._is_writer():
             net = self.network.module if hasattr(self.network, "module") else self.network
             self.saver(net.state_dict(), "model.pt")

@@ -7,6 +7,8 @@ from torch import nn
 
 from .blocks import ChannelSpatialAttention, LayerAttention, ResidualGroup
 
+UPSAMPLERS = ("espcn", "han")
+
 
 def linear_upsample_last(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Linear interpolation along the last axis onto the sub-pixel grid of ``factor`` x its length.
@@ -45,6 +47,15 @@ class HANInterpolator(nn.Module):
         input_window: (low, high) the feature branch clamps its input to (standardised units);
             the linear base uses the input unclamped, so bone or metal beyond the window keep
             their values instead of being cut at the window's edge.
+        upsampler: "espcn" (a 3x3 conv to r channels at the input resolution, then the 1-D
+            sub-pixel shuffle: ESPCN's tail) or "han" (a conv to ``width * r`` channels, the
+            shuffle, and a 3x3 conv at the output resolution: RCAN/HAN's tail, ~1.3x the
+            FLOPs and a ``width``-channel map at r x the plane's size). docs/PERFORMANCE.md
+            gives the measured speed and quality of both.
+
+    Every operation is per plane: the attention statistics (channel attention's pooling, the
+    layer attention's Gram matrix) span the whole plane the network is given, so a plane's
+    output does not depend on which other planes share its batch.
     """
 
     def __init__(
@@ -55,20 +66,28 @@ class HANInterpolator(nn.Module):
         blocks: int = 2,
         reduction: int = 8,
         input_window: tuple[float, float] | None = None,
+        upsampler: str = "espcn",
     ):
         super().__init__()
-        self.factor = factor
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
+        self.factor, self.upsampler = factor, upsampler
         self.input_window = tuple(input_window) if input_window is not None else None
         self.head = nn.Conv2d(1, width, 3, padding=1)
         self.groups = nn.ModuleList([ResidualGroup(width, blocks, reduction) for _ in range(groups)])
         self.layer_attention = LayerAttention(width, groups)
         self.csam = ChannelSpatialAttention(width)
         self.body_tail = nn.Conv2d(width, width, 3, padding=1)
-        self.upsample = nn.Conv2d(width, width * factor, 3, padding=1)
-        self.tail = nn.Conv2d(width, 1, 3, padding=1)
+        if upsampler == "han":
+            self.upsample = nn.Conv2d(width, width * factor, 3, padding=1)
+            self.tail = nn.Conv2d(width, 1, 3, padding=1)
+        else:
+            self.upsample = nn.Conv2d(width, factor, 3, padding=1)
+            self.tail = None
         # start as linear interpolation: the residual branch begins at zero
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
+        last = self.tail if self.tail is not None else self.upsample
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # features see the intensity window; the linear base carries what lies outside it
@@ -79,5 +98,8 @@ class HANInterpolator(nn.Module):
             outs.append(feats)
         body = self.layer_attention(torch.stack(outs, dim=1)) + self.csam(outs[-1])
         body = self.body_tail(body) + head
-        residual = self.tail(torch.relu(subpixel_last(self.upsample(body), self.factor)))
+        if self.tail is not None:
+            residual = self.tail(torch.relu(subpixel_last(self.upsample(body), self.factor)))
+        else:
+            residual = subpixel_last(self.upsample(body), self.factor)
         return linear_upsample_last(x, self.factor) + residual

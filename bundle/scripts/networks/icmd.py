@@ -40,8 +40,8 @@ class ICMDNet(nn.Module):
         planar: G_c / G_s hyper-parameters (width, groups, blocks).
         share_cs: one network for the coronal and sagittal views.
         axial_slices: known slices G_a sees, 2 or 4.
-        plane_chunk: planes (or slice pairs) per network call at inference, 0 = all at once;
-            bounds the peak memory of large windows.
+        plane_chunk: planes (or slice pairs) per network call in ``forward`` without an
+            objective (inference), 0 = all at once; bounds the peak memory (``synthesize``).
         input_window: (low, high) in standardised units: the view networks' feature branches
             see intensities clamped to it (nnU-Net's CT window); their linear base does not.
     """
@@ -105,43 +105,129 @@ class ICMDNet(nn.Module):
         else:
             windows = torch.stack([slices[:, :-1], slices[:, 1:]], dim=2)  # (B, Z-1, 2, X, Y)
         windows = windows.reshape(b * (z - 1), -1, x, y)
-        preds, auxes = [], []
-        for part in _chunks(windows.shape[0], self.plane_chunk if not self.training else 0):
-            pred, aux = self.axial(windows[part])
-            preds.append(pred)
-            auxes.append(aux)
-        pred = torch.cat(preds).reshape(b, z - 1, r - 1, x, y)
-        aux = {k: torch.cat([a[k] for a in auxes]) for k in auxes[0]}
+        pred, aux = self.axial(windows)
+        pred = pred.reshape(b, z - 1, r - 1, x, y)
         known = slices.unsqueeze(2)  # (B, Z, 1, X, Y)
         between = torch.cat([pred, slices[:, -1:].unsqueeze(2).expand(b, 1, r - 1, x, y)], dim=1)
         out = torch.cat([known, between], dim=2).reshape(b, z * r, x, y)
         return out.permute(0, 2, 3, 1).unsqueeze(1), aux
 
-    def _planar(self, net: HANInterpolator, planes: torch.Tensor) -> torch.Tensor:
-        outs = [
-            net(planes[part])
-            for part in _chunks(planes.shape[0], self.plane_chunk if not self.training else 0)
-        ]
-        return torch.cat(outs)
-
     def coronal_view(self, volume: torch.Tensor) -> torch.Tensor:
         """G_c on every coronal plane (X, Z), one per Y."""
         b, _, x, y, z = volume.shape
         planes = volume[:, 0].permute(0, 2, 1, 3).reshape(b * y, 1, x, z)
-        out = self._planar(self.coronal, planes)
+        out = self.coronal(planes)
         return out.reshape(b, y, x, -1).permute(0, 2, 1, 3).unsqueeze(1)
 
     def sagittal_view(self, volume: torch.Tensor) -> torch.Tensor:
         """G_s on every sagittal plane (Y, Z), one per X."""
         b, _, x, y, z = volume.shape
         planes = volume[:, 0].reshape(b * x, 1, y, z)
-        out = self._planar(self.sagittal or self.coronal, planes)
+        out = self.view_network("s")(planes)
         return out.reshape(b, x, y, -1).unsqueeze(1)
 
     def view(self, name: str, volume: torch.Tensor) -> torch.Tensor:
         if name == "a":
             return self.axial_view(volume)[0]
         return self.coronal_view(volume) if name == "c" else self.sagittal_view(volume)
+
+    # --- inference: whole planes, chunk by chunk, accumulated in place ------------------------
+
+    @property
+    def fusion_views(self) -> tuple[str, ...]:
+        """The views the fusion averages."""
+        return FUSIONS[self.fusion]
+
+    def plane_counts(self, shape: tuple[int, ...] | torch.Size) -> dict[str, int]:
+        """Network calls' units per view of a (B, 1, X, Y, Z) volume: coronal planes (B*Y),
+        sagittal planes (B*X), axial slice pairs (B*(Z-1))."""
+        b, _, x, y, z = shape
+        return {"a": b * (z - 1), "c": b * y, "s": b * x}
+
+    def _view_input(self, name: str, volume: torch.Tensor, b: int, part: slice) -> torch.Tensor:
+        """The network input for planes ``part`` of batch item ``b``: (n, 1, H, Z) or (n, K, X, Y)."""
+        if name == "c":  # coronal planes (X, Z), one per Y
+            return volume[b, 0, :, part].permute(1, 0, 2).unsqueeze(1)
+        if name == "s":  # sagittal planes (Y, Z), one per X
+            return volume[b, 0, part].unsqueeze(1)
+        z = volume.shape[-1]
+        slices = volume[b, 0].permute(2, 0, 1)  # (Z, X, Y)
+        if self.axial.in_slices == 4:  # pair k sees slices k-1, k, k+1, k+2 (clamped at the ends)
+            index = torch.arange(part.start, part.stop).unsqueeze(1) + torch.arange(-1, 3)
+            return slices[index.clamp_(0, z - 1)]
+        return torch.stack([slices[part], slices[part.start + 1 : part.stop + 1]], dim=1)
+
+    def _add_view_output(self, name: str, out: torch.Tensor, b: int, part: slice, pred: torch.Tensor) -> None:
+        """out[b] += the view network's output for planes ``part`` (in out's dtype and device)."""
+        if name == "c":
+            out[b, 0, :, part] += pred[:, 0].permute(1, 0, 2)
+        elif name == "s":
+            out[b, 0, part] += pred[:, 0]
+        else:  # pred (n, r-1, X, Y): the slices between known slices k and k+1
+            r = self.factor
+            target = out[b, 0, :, :, part.start * r : part.stop * r].unflatten(-1, (-1, r))
+            target[..., 1:] += pred.permute(2, 3, 0, 1)
+
+    def view_network(self, name: str):
+        """The network that synthesises view ``name`` from the planes ``_view_input`` gives."""
+        if name == "a":
+            return lambda slices: self.axial(slices)[0]
+        return self.sagittal if (name == "s" and self.sagittal is not None) else self.coronal
+
+    def synthesize(
+        self,
+        volume: torch.Tensor,
+        plane_chunk: int = 0,
+        device: torch.device | str | None = None,
+        prepare=None,
+        on_chunk=None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The fused synthesis, each view on whole planes, ``plane_chunk`` planes per network call.
+
+        (B, 1, X, Y, Z) -> (B, 1, X, Y, r*Z) float32 on ``volume``'s device, the same as
+        ``forward`` but with memory bounded by the chunk: each chunk of planes is moved to
+        ``device`` (default: the network's), passed through ``prepare`` (e.g. a memory-format
+        change), synthesised, and added into the output in place. ``on_chunk()`` is called after
+        each chunk (a progress bar). ``out``: the (B, 1, X, Y, r*Z) float32 buffer to fill
+        (zeroed here), e.g. one made outside ``torch.inference_mode`` so that later steps may
+        modify it in place. Known slices are copied; the last r-1 outputs (past the last
+        input slice) hold the c/s networks' extrapolation and G_a's repetition of the last slice.
+
+        Every network call holds exactly ``plane_chunk`` planes in a fresh buffer (the last call is
+        padded with zero planes): convolution libraries pick their algorithm by the batch size, so
+        the same ``plane_chunk`` gives bit-identical output under any memory budget. Each plane's
+        statistics (channel and layer attention) span that whole plane, so regrouping planes
+        changes a plane's output only by float rounding.
+        """
+        b, _, x, y, z = volume.shape
+        r = self.factor
+        if device is None:
+            device = next(self.parameters()).device
+        used = self.fusion_views
+        counts = self.plane_counts((1, 1, x, y, z))
+        if out is None:
+            out = torch.zeros((b, 1, x, y, z * r), dtype=torch.float32, device=volume.device)
+        else:
+            out.zero_()
+        for name in used:
+            network = self.view_network(name)
+            for item in range(b):
+                for part in _chunks(counts[name], plane_chunk):
+                    view = self._view_input(name, volume, item, part)
+                    n = view.shape[0]
+                    # every call: exactly plane_chunk planes in a fresh buffer of one layout (see above)
+                    planes = torch.zeros((max(plane_chunk, n), *view.shape[1:]), dtype=torch.float32, device=device)
+                    planes[:n] = view
+                    pred = network(prepare(planes) if prepare is not None else planes)[:n]
+                    self._add_view_output(name, out, item, part, pred.to(out.device, torch.float32))
+                    if on_chunk is not None:
+                        on_chunk()
+            if name == "a":  # past the last known slice G_a repeats it (trimmed by the caller)
+                out[..., (z - 1) * r + 1 :] += volume[..., -1:].to(torch.float32)
+        out /= len(used)
+        out[..., ::r] = volume
+        return out
 
     def forward(self, volume: torch.Tensor, objective=None):
         """Fused synthesis; or, with ``objective``, ``objective(self, volume)`` (the training losses).
@@ -151,11 +237,4 @@ class ICMDNet(nn.Module):
         """
         if objective is not None:
             return objective(self, volume)
-        used = FUSIONS[self.fusion]
-        out = None
-        for name in used:  # accumulate one view at a time: one full-size buffer, not three
-            v = self.view(name, volume)
-            out = v if out is None else out + v
-        out = out / len(used)
-        out[..., :: self.factor] = volume
-        return out
+        return self.synthesize(volume, self.plane_chunk)

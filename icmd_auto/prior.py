@@ -1,0 +1,72 @@
+"""The shipped CT priors: G_c/G_s pretrained once per factor (benchmarks/pretrain.py).
+
+A prior is ``priors/prior_x{r}.pt`` (an ICMDNet state dict: the ``inplane`` recipe's network)
+with its card ``priors/prior_x{r}.json`` (architecture, the intensity standardisation it was
+trained with, data and licence, the command, the validation curve). The planner uses it three
+ways (its ``init`` decision): zero-shot (predict with no plan and no training), warm start
+(training starts from it) or not at all (``--init scratch``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PRIOR_DIR = Path(__file__).resolve().with_name("priors")
+# another folder of priors (benchmarks/pretrain.py's output, e.g. the leave-one-out priors)
+PRIOR_DIR_VARIABLE = "ICMD_AUTO_PRIORS"
+INITS = ("prior", "scratch")
+
+
+@dataclass(frozen=True)
+class Prior:
+    factor: int
+    weights: Path
+    card: dict
+
+    @property
+    def preset(self) -> str:
+        return self.card["preset"]
+
+    @property
+    def architecture(self) -> dict:
+        return self.card["architecture"]
+
+    @property
+    def intensity(self) -> dict:
+        return self.card["intensity"]
+
+    @property
+    def recipe(self) -> str:
+        return self.card["recipe"]
+
+    def describe(self) -> str:
+        best = self.card["validation"]["best"]
+        return (
+            f"{self.weights.name}: preset {self.preset!r}, {self.card['iterations']} iterations on "
+            f"{', '.join(self.card['data'])} ({self.card['device']}); held-out in-plane validation "
+            f"+{best['psnr'] - best['linear']:.2f} dB over linear"
+        )
+
+
+def prior_dir() -> Path:
+    """The priors' folder: ``$ICMD_AUTO_PRIORS`` if set, else the package's own."""
+    return Path(os.environ[PRIOR_DIR_VARIABLE]) if os.environ.get(PRIOR_DIR_VARIABLE) else PRIOR_DIR
+
+
+def available(directory: Path | None = None) -> dict[int, Prior]:
+    """The priors in ``directory`` (default: prior_dir()), by factor."""
+    directory = directory or prior_dir()
+    priors = {}
+    for card_path in sorted(directory.glob("prior_x*.json")):
+        weights = card_path.with_suffix(".pt")
+        if weights.is_file():
+            card = json.loads(card_path.read_text())
+            priors[int(card["factor"])] = Prior(int(card["factor"]), weights, card)
+    return priors
+
+
+def prior_for(factor: int, directory: Path | None = None) -> Prior | None:
+    return available(directory).get(int(factor))

@@ -1,0 +1,119 @@
+"""Plane-wise inference, chunking independence, and the shipped prior (zero-shot, warm start)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, run_cli, write_dataset
+
+from icmd_auto import api
+from icmd_auto.prior import available
+from icmd_auto.synthetic import ct_phantom, save_nifti
+from icmd_auto.template import scripts
+
+TINY_A = {"width": 16, "groups": 1, "blocks": 1}
+TINY_P = {"width": 8, "groups": 2, "blocks": 1}
+
+
+def _random_net(views=("a", "c", "s"), fusion="mean3", factor=3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = scripts.networks.ICMDNet(factor, views=views, fusion=fusion, axial=TINY_A, planar=TINY_P).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # trained-looking weights: the residual branches are not zero
+            p.normal_(0, 0.05)
+    return net
+
+
+@pytest.mark.parametrize("views,fusion", [(("c", "s"), "mean_cs"), (("a", "c", "s"), "mean3")])
+def test_plane_inferer_gives_the_networks_synthesis(views, fusion):
+    net = _random_net(views, fusion)
+    volume = torch.randn(1, 1, 20, 17, 6)
+    with torch.no_grad():
+        whole = net(volume)  # every view on all its planes at once
+    chunked = scripts.inferers.PlaneInferer(plane_chunk=4)(volume, net)
+    assert chunked.shape == (1, 1, 20, 17, 18)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    assert torch.equal(chunked[..., ::3], volume), "known slices are copied"
+
+
+def test_a_planes_output_does_not_depend_on_which_planes_share_its_call():
+    """Flipping the volume along y regroups the coronal planes into other calls (and another padded
+    last call); each plane's synthesis must come out the same, only flipped (up to float rounding:
+    a plane's place in a call shifts its memory alignment, and with it the order of vectorised sums)."""
+    net = _random_net(("c",), "c")
+    volume = torch.randn(1, 1, 21, 13, 5)
+    inferer = scripts.inferers.PlaneInferer(plane_chunk=3)
+    out = inferer(volume, net)
+    flipped = inferer(volume.flip(3), net)
+    assert torch.allclose(flipped.flip(3), out, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plane_phantom")
+    image = root / "phantom.nii.gz"
+    save_nifti(ct_phantom(PHANTOM_SHAPE, PHANTOM_SPACING), PHANTOM_SPACING, str(image))
+    return image
+
+
+def test_same_voxels_under_two_memory_budgets(phantom_work, phantom, tmp_path):
+    outputs = []
+    for memory_gb in (1, 16):
+        work = tmp_path / f"work_{memory_gb}"
+        dataset = write_dataset(tmp_path / f"dataset_{memory_gb}.json", [phantom])
+        plans = api.plan(dataset, work, preset="tiny", memory_gb=memory_gb, factor=3, recipe="icmd", epochs=1)
+        assert "does not depend on the memory budget" in plans["plane_inference"]["reason"]
+        (work / "bundle" / "models").mkdir(exist_ok=True)
+        shutil.copy2(phantom_work / "bundle" / "models" / "model.pt", work / "bundle" / "models" / "model.pt")
+        out = tmp_path / f"thin_{memory_gb}.nii.gz"
+        api.predict(work, phantom, out, quiet=True)
+        outputs.append(np.asanyarray(nib.load(str(out)).dataobj))
+    assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_shipped_priors_cover_every_factor():
+    priors = available()
+    assert sorted(priors) == [2, 3, 4, 5, 6]
+    for factor, prior in priors.items():
+        card = prior.card
+        assert card["factor"] == factor and card["recipe"] == "inplane"
+        assert "CC BY 4.0" in card["data_licence"] and card["command"].startswith("python benchmarks/pretrain.py")
+        assert prior.weights.stat().st_size < 2_000_000, "a few MB at most in all"
+        best = card["validation"]["best"]
+        assert best["psnr"] > best["linear"], "the prior beats linear interpolation on its held-out slices"
+
+
+def test_zero_shot_predict_needs_no_work_folder(phantom, tmp_path):
+    out = tmp_path / "thin.nii.gz"
+    result = run_cli("predict", "--input", str(phantom), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    thick, thin = nib.load(str(phantom)), nib.load(str(out))
+    assert thin.shape == (*PHANTOM_SHAPE[:2], (PHANTOM_SHAPE[2] - 1) * 3 + 1), "x3 from the 3 mm / 1 mm spacing"
+    expected = thick.affine.copy()
+    expected[:3, 2] /= 3
+    assert np.array_equal(thin.affine, expected)
+    assert np.array_equal(np.asanyarray(thin.dataobj)[:, :, ::3], np.asanyarray(thick.dataobj))
+    assert "zero-shot" in result.stderr
+    again = run_cli("predict", "--input", str(phantom), "--output", str(tmp_path / "x2.nii.gz"), "--factor", "2")
+    assert again.returncode == 0, again.stderr
+    assert nib.load(str(tmp_path / "x2.nii.gz")).shape[2] == (PHANTOM_SHAPE[2] - 1) * 2 + 1
+
+
+def test_plan_says_which_init_and_why(phantom, tmp_path):
+    dataset = write_dataset(tmp_path / "dataset.json", [phantom])
+    warm = api.plan(dataset, tmp_path / "warm", factor=3, epochs=1)
+    assert warm["init"]["value"]["mode"] == "prior" and "warm start" in warm["init"]["reason"]
+    assert warm["intensity"]["value"] == available()[3].intensity, "the prior's standardisation"
+    train = json.loads((tmp_path / "warm" / "bundle" / "configs" / "train.json").read_text())
+    assert train["init_weights"].endswith("/models/prior.pt'")
+    assert (tmp_path / "warm" / "bundle" / "models" / "prior.pt").is_file()
+    scratch = api.plan(dataset, tmp_path / "scratch", factor=3, epochs=1, init="scratch")
+    assert scratch["init"]["value"]["mode"] == "scratch" and "given" in scratch["init"]["reason"]
+    paper = api.plan(dataset, tmp_path / "icmd", factor=3, epochs=1, recipe="icmd", preset="tiny")
+    assert paper["init"]["value"]["mode"] == "scratch" and "recipe" in paper["init"]["reason"]
+    assert json.loads((tmp_path / "icmd" / "bundle" / "configs" / "train.json").read_text())["init_weights"] is None
