@@ -82,7 +82,9 @@ def test_shipped_priors_cover_every_factor():
     for factor, prior in priors.items():
         card = prior.card
         assert card["factor"] == factor and card["recipe"] == "inplane"
-        assert "CC BY 4.0" in card["data_licence"] and card["command"].startswith("python benchmarks/pretrain.py")
+        assert "CC BY 4.0" in card["data_licence"] and card["command"].startswith(
+            "python benchmarks/pretrain.py"
+        )
         assert prior.weights.stat().st_size < 2_000_000, "a few MB at most in all"
         best = card["validation"]["best"]
         assert best["psnr"] > best["linear"], "the prior beats linear interpolation on its held-out slices"
@@ -93,13 +95,17 @@ def test_zero_shot_predict_needs_no_work_folder(phantom, tmp_path):
     result = run_cli("predict", "--input", str(phantom), "--output", str(out))
     assert result.returncode == 0, result.stderr
     thick, thin = nib.load(str(phantom)), nib.load(str(out))
-    assert thin.shape == (*PHANTOM_SHAPE[:2], (PHANTOM_SHAPE[2] - 1) * 3 + 1), "x3 from the 3 mm / 1 mm spacing"
+    assert thin.shape == (*PHANTOM_SHAPE[:2], (PHANTOM_SHAPE[2] - 1) * 3 + 1), (
+        "x3 from the 3 mm / 1 mm spacing"
+    )
     expected = thick.affine.copy()
     expected[:3, 2] /= 3
     assert np.array_equal(thin.affine, expected)
     assert np.array_equal(np.asanyarray(thin.dataobj)[:, :, ::3], np.asanyarray(thick.dataobj))
     assert "zero-shot" in result.stderr
-    again = run_cli("predict", "--input", str(phantom), "--output", str(tmp_path / "x2.nii.gz"), "--factor", "2")
+    again = run_cli(
+        "predict", "--input", str(phantom), "--output", str(tmp_path / "x2.nii.gz"), "--factor", "2"
+    )
     assert again.returncode == 0, again.stderr
     assert nib.load(str(tmp_path / "x2.nii.gz")).shape[2] == (PHANTOM_SHAPE[2] - 1) * 2 + 1
 
@@ -116,4 +122,7 @@ def test_plan_says_which_init_and_why(phantom, tmp_path):
     assert scratch["init"]["value"]["mode"] == "scratch" and "given" in scratch["init"]["reason"]
     paper = api.plan(dataset, tmp_path / "icmd", factor=3, epochs=1, recipe="icmd", preset="tiny")
     assert paper["init"]["value"]["mode"] == "scratch" and "recipe" in paper["init"]["reason"]
-    assert json.loads((tmp_path / "icmd" / "bundle" / "configs" / "train.json").read_text())["init_weights"] is None
+    assert (
+        json.loads((tmp_path / "icmd" / "bundle" / "configs" / "train.json").read_text())["init_weights"]
+        is None
+    )

@@ -256,6 +256,11 @@ def test_planner_turns_amp_on_for_cuda_and_for_a_cpu_only_where_bf16_is_measured
         "fp16 with SupervisedTrainer's GradScaler: this GPU has no bf16",
     )
     assert planner.decide_amp_dtype(cuda=False, bf16_supported=False)[0] == "bfloat16"
+    # where bf16 convolutions are slower, the training-step probe is not even run
+    monkeypatch.setattr(planner, "conv_probe_seconds", lambda dtype: 0.05 if dtype is None else 0.4)
+    on, reason = planner.decide_amp(net, iteration, [16, 16, 7], 2, cuda=False)
+    assert on is False and "3x3-conv probe ran in 400 ms with bf16 autocast against 50 ms" in reason
+    monkeypatch.setattr(planner, "conv_probe_seconds", lambda dtype: 0.05 if dtype is None else 0.02)
     for bf16, expect in ((0.5, True), (1.1, False), (8.0, False)):
         monkeypatch.setattr(
             planner, "seconds_per_iteration", lambda *a, amp=False, b=bf16, **k: b if amp else 1.0

@@ -13,7 +13,7 @@ import contextlib
 import os
 
 import torch
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SlidingWindowInferer
 
 
 def cpu_threads() -> int:
@@ -27,6 +27,9 @@ def cpu_threads() -> int:
 class PlaneInferer(Inferer):
     """``inferer(inputs, network)``: (B, 1, X, Y, Z) standardised thick volume -> (B, 1, X, Y, r*Z).
 
+    A network without ``synthesize`` (the traced TorchScript export, whose graph holds one in-plane
+    size) runs in MONAI's sliding windows of ``traced_roi_size`` spanning all slices.
+
     The network is an ICMDNet; its fusion decides the views. The output is float32 on the
     inputs' device (the CPU in inference.json: the volume never has to fit on the GPU); only a
     chunk of planes at a time moves to the network's device.
@@ -39,6 +42,7 @@ class PlaneInferer(Inferer):
         channels_last: run the convolutions in NHWC (oneDNN's and cuDNN's fast layout).
         cudnn_benchmark: let cuDNN pick the fastest convolution algorithms (CUDA only).
         progress: a progress bar over the chunks (tqdm).
+        traced_roi_size: the in-plane size a TorchScript export was traced at (icmd_auto export's 128).
     """
 
     def __init__(
@@ -48,12 +52,14 @@ class PlaneInferer(Inferer):
         channels_last: bool = True,
         cudnn_benchmark: bool = True,
         progress: bool = False,
+        traced_roi_size: tuple[int, int, int] | list[int] = (128, 128, -1),
     ):
         super().__init__()
         if amp not in ("", "bf16", "fp16"):
             raise ValueError(f"amp must be '', 'bf16' or 'fp16', got {amp!r}")
         self.plane_chunk, self.amp, self.channels_last = int(plane_chunk), amp, channels_last
         self.cudnn_benchmark, self.progress = cudnn_benchmark, progress
+        self.traced_roi_size = tuple(traced_roi_size)
 
     def _autocast(self, device: torch.device):
         if not self.amp:
@@ -69,6 +75,15 @@ class PlaneInferer(Inferer):
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
         volume = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        if not hasattr(
+            net, "synthesize"
+        ):  # a TorchScript export (models/model.ts): traced at one in-plane size
+            windows = SlidingWindowInferer(
+                self.traced_roi_size, overlap=0.25, mode="gaussian", progress=self.progress
+            )
+            with torch.inference_mode():
+                pred = windows(volume, network)
+            return pred.clone()  # outside inference mode: post-processing works on it in place
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         net.to(memory_format=memory_format)
         counts = net.plane_counts(volume.shape)

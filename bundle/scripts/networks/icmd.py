@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .axial import AxialSliceInterpolator
@@ -214,11 +215,10 @@ class ICMDNet(nn.Module):
             network = self.view_network(name)
             for item in range(b):
                 for part in _chunks(counts[name], plane_chunk):
-                    view = self._view_input(name, volume, item, part)
-                    n = view.shape[0]
-                    # every call: exactly plane_chunk planes in a fresh buffer of one layout (see above)
-                    planes = torch.zeros((max(plane_chunk, n), *view.shape[1:]), dtype=torch.float32, device=device)
-                    planes[:n] = view
+                    planes = self._view_input(name, volume, item, part).to(device, torch.float32)
+                    n = planes.shape[0]
+                    # every call: exactly plane_chunk planes, in a fresh contiguous buffer (see above)
+                    planes = F.pad(planes, (0, 0, 0, 0, 0, 0, 0, max(plane_chunk - n, 0)))
                     pred = network(prepare(planes) if prepare is not None else planes)[:n]
                     self._add_view_output(name, out, item, part, pred.to(out.device, torch.float32))
                     if on_chunk is not None:
@@ -237,4 +237,12 @@ class ICMDNet(nn.Module):
         """
         if objective is not None:
             return objective(self, volume)
+        if torch.jit.is_tracing():  # whole views in one batched call each: a graph valid for any Z
+            out = None
+            for name in self.fusion_views:
+                v = self.view(name, volume)
+                out = v if out is None else out + v
+            out = out / len(self.fusion_views)
+            out[..., :: self.factor] = volume
+            return out
         return self.synthesize(volume, self.plane_chunk)
