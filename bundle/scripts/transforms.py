@@ -89,7 +89,7 @@ class FinalizeSynthesisd(MapTransform):
         for key in self.key_iterator(d):
             pred = d[key]
             pred = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
-            # in place on the sliding-window output, which nothing reads after this (a copy only when
+            # in place on the inferer's output, which nothing reads after this (a copy only when
             # it is not float32 on the CPU): a 512x512x1197 volume is 1.2 GB per float32 copy
             pred = pred.detach()[..., :length]
             if pred.dtype != torch.float32 or pred.device.type != "cpu":
