@@ -123,14 +123,7 @@ def main() -> None:
     )
     print(text)
     args.record.write_text(json.dumps({"command": command, "results": results}, indent=1) + "\n")
-    content = args.out.read_text() if args.out.exists() else ""
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in content:
-        head, rest = content.split(BEGIN, 1)
-        content = head + block + rest.split(END, 1)[1]
-    else:
-        content = content.rstrip("\n") + f"\n\n## Dataset protocol: leave-one-out\n\n{block}\n"
-    args.out.write_text(content)
+    quality.write_block(args.out, BEGIN, END, text, heading="## Dataset protocol: leave-one-out\n\n")
 
 
 if __name__ == "__main__":

@@ -504,5 +504,18 @@ def write_report(out: Path, text: str) -> None:
     out.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
 
 
+def write_block(out: Path, begin: str, end: str, text: str, heading: str = "") -> None:
+    """Put ``text`` between the markers ``begin`` / ``end`` of ``out`` (appended, under ``heading``,
+    when the markers are not there yet); the text around them is kept."""
+    content = out.read_text() if out.exists() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in content:
+        head, rest = content.split(begin, 1)
+        content = head + block + rest.split(end, 1)[1]
+    else:
+        content = content.rstrip("\n") + f"\n\n{heading}{block}\n"
+    out.write_text(content)
+
+
 if __name__ == "__main__":
     main()

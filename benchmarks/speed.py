@@ -46,6 +46,9 @@ from icmd_auto.dataset import write_dataset_json  # noqa: E402
 from icmd_auto.synthetic import ct_phantom_large, save_nifti  # noqa: E402
 from icmd_auto.template import scripts  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_block  # noqa: E402
+
 SPACING = (0.7, 0.7, 2.8)  # thick 2.8 mm slices -> factor 4 -> 0.7 mm, isotropic
 FACTOR = 4
 
@@ -176,19 +179,6 @@ def table(rows: list[dict], roofline: float, device: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(out: Path, key: str, text: str) -> None:
-    """Replace this device's section between the markers of ``out`` (other devices' sections stay)."""
-    begin, end = f"<!-- speed:{key}:begin -->", f"<!-- speed:{key}:end -->"
-    content = out.read_text() if out.exists() else ""
-    block = f"{begin}\n{text}\n{end}"
-    if begin in content:
-        head, rest = content.split(begin, 1)
-        content = head + block + rest.split(end, 1)[1]
-    else:
-        content = content.rstrip("\n") + f"\n\n{block}\n"
-    out.write_text(content)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -222,7 +212,7 @@ def main() -> None:
             json.dumps({"device": name, "roofline_gflops": roofline, "rows": rows}, indent=1)
         )
     key = ("cuda" if device.type == "cuda" else "cpu") + (f"_{args.preset}" if args.preset else "")
-    write_section(args.out, key, text)
+    write_block(args.out, f"<!-- speed:{key}:begin -->", f"<!-- speed:{key}:end -->", text)
     print(f"wrote the table into {args.out}")
 
 
