@@ -2,15 +2,17 @@
 
 For each volume V and factor r: the thick input D_r(V) (slice removal, as benchmarks/quality.py),
 and the prior trained WITHOUT V (benchmarks/pretrain.py --leave_out V, one folder per run:
-``<priors>/loo_<V>_x<r>/prior_x<r>.pt``). Rows, scored on synthesized slices against V:
-  zero-shot      ``icmd_auto predict`` with no work folder (the LOO prior, no training);
-  warm start     ``plan --init prior`` + ``train`` within ``--budget_min`` (the prior fine-tuned on V's
-                 thick input), when --budget_min > 0;
-  scratch        the per-scan default of the record (docs/results.json: the default row, its budget);
-  linear, cubic  interpolation along z, in this run.
+``<priors>/loo_<V>_x<r>/prior_x<r>.pt``, and ``<priors>/loo_<V>_x<r>_<preset>/`` for other presets).
+Rows, scored on synthesized slices against V, all in this run:
+  zero-shot (P)      ``icmd_auto predict`` with no work folder (the LOO prior of preset P, no training);
+  warm start B min   ``plan --init prior`` + ``train`` within B minutes (the prior fine-tuned on V's thick
+                     input), for each B of --budgets, at each learning-rate share of --warm_lr_shares;
+  scratch B min      ``plan --init scratch`` + ``train`` within B minutes, for each B of --budgets;
+  linear, cubic      interpolation along z.
 
-    python benchmarks/loo.py --priors runs/gpu_pretrain                 # zero-shot rows
-    python benchmarks/loo.py --priors runs/gpu_pretrain --budget_min 10 # + warm start (CPU: 10 min each)
+    python benchmarks/loo.py --priors runs/gpu_pretrain                      # zero-shot rows
+    python benchmarks/loo.py --priors runs/gpu_pretrain --budgets 3 10       # + warm start and scratch
+    python benchmarks/loo.py --priors P --budgets 3 --warm_lr_shares 1 0.33 0.1  # the fine-tuning rate
 
 Writes the table into docs/RESULTS.md (between markers) and the numbers to docs/results_loo.json.
 """
@@ -46,35 +48,81 @@ def score(path: Path, reference: np.ndarray, factor: int) -> dict:
     return quality.score_all(pred, reference, factor)
 
 
-def run_case(volume: str, factor: int, priors: Path, budget_min: float, root: Path) -> dict:
+def train_row(
+    thick_path: Path,
+    reference: np.ndarray,
+    factor: int,
+    work: Path,
+    budget_min: float,
+    init: str,
+    lr_share: float | None = None,
+) -> dict:
+    """plan (``init``) -> train within ``budget_min`` -> predict, scored; ``lr_share`` scales the
+    preset's learning rate of a warm start (the planner's share when None)."""
+    dataset = write_dataset_json(work.parent / f"{work.name}.json", training=[str(thick_path)], name="loo")
+    plans = api.plan(dataset, work, factor=factor, time_budget_min=budget_min, init=init)
+    overrides = {}
+    if lr_share is not None:
+        overrides["learning_rate"] = plans["preset_values"]["learning_rate"] * lr_share
+    start = time.perf_counter()
+    api.train(work, quiet=True, **overrides)
+    trained = time.perf_counter() - start
+    out = work.parent / f"{work.name}.nii.gz"
+    api.predict(work, thick_path, out, overwrite=True, quiet=True)
+    return score(out, reference, factor) | {
+        "train_s": trained,
+        "learning_rate": plans["training"]["value"]["learning_rate"]
+        if lr_share is None
+        else overrides["learning_rate"],
+    }
+
+
+def prior_folders(priors: Path, volume: str, factor: int) -> dict[str, Path]:
+    """The leave-one-out priors of (volume, factor): {"": default preset folder, preset: folder}."""
+    base = f"loo_{volume}_x{factor}"
+    found = {"": priors / base} if (priors / base).is_dir() else {}
+    for folder in sorted(priors.glob(f"{base}_*")):
+        found[folder.name[len(base) + 1 :]] = folder
+    if not found:
+        raise SystemExit(
+            f"{priors}: no {base} folder (benchmarks/pretrain.py --leave_out {volume} --factors {factor})"
+        )
+    return found
+
+
+def run_case(
+    volume: str, factor: int, priors: Path, budgets: list[float], lr_shares: list[float | None], root: Path
+) -> dict:
     gt, affine = quality.load_ground_truth(quality.VOLUMES[volume])
     folder = root / f"{volume}_x{factor}"
     folder.mkdir(parents=True, exist_ok=True)
     thick_path, reference = quality.make_thick(gt, affine, factor, folder)
     rows, _ = quality.baselines(reference[:, :, ::factor], reference, factor)
     rows = {k: rows[k] for k in ("linear", "cubic")}
-    os.environ[PRIOR_DIR_VARIABLE] = str(priors / f"loo_{volume}_x{factor}")
-    try:
-        start = time.perf_counter()
-        out = folder / "zero_shot.nii.gz"
-        api.predict(None, thick_path, out, overwrite=True, quiet=True, factor=factor)
-        rows["zero-shot"] = score(out, reference, factor) | {"seconds": time.perf_counter() - start}
-        if budget_min > 0:
-            work = folder / "warm"
-            dataset = write_dataset_json(folder / "dataset.json", training=[str(thick_path)], name="loo")
-            api.plan(dataset, work, factor=factor, time_budget_min=budget_min, init="prior")
+    folders = prior_folders(priors, volume, factor)
+    for preset, prior_folder in folders.items():
+        os.environ[PRIOR_DIR_VARIABLE] = str(prior_folder)
+        try:
             start = time.perf_counter()
-            api.train(work, quiet=True)
-            trained = time.perf_counter() - start
-            out = folder / "warm.nii.gz"
-            api.predict(work, thick_path, out, overwrite=True, quiet=True)
-            rows[f"warm start {budget_min:g} min"] = score(out, reference, factor) | {"train_s": trained}
-    finally:
-        os.environ.pop(PRIOR_DIR_VARIABLE, None)
-    record = json.loads((REPO / "docs" / "results.json").read_text())
-    scratch = record["results"].get(volume, {}).get(str(factor), {}).get("default")
-    if scratch:
-        rows[f"scratch {record['budget_min']:g} min (record)"] = scratch
+            out = folder / f"zero_shot_{preset or 'default'}.nii.gz"
+            api.predict(None, thick_path, out, overwrite=True, quiet=True, factor=factor)
+            name = f"zero-shot ({preset})" if preset else "zero-shot"
+            rows[name] = score(out, reference, factor) | {"seconds": time.perf_counter() - start}
+        finally:
+            os.environ.pop(PRIOR_DIR_VARIABLE, None)
+    for budget in budgets:
+        os.environ[PRIOR_DIR_VARIABLE] = str(folders.get("", next(iter(folders.values()))))
+        try:
+            for share in lr_shares:
+                name = f"warm start {budget:g} min" + ("" if share is None else f", lr x{share:g}")
+                rows[name] = train_row(
+                    thick_path, reference, factor, folder / f"warm_{budget:g}_{share}", budget, "prior", share
+                )
+        finally:
+            os.environ.pop(PRIOR_DIR_VARIABLE, None)
+        rows[f"scratch {budget:g} min"] = train_row(
+            thick_path, reference, factor, folder / f"scratch_{budget:g}", budget, "scratch"
+        )
     return rows
 
 
@@ -101,7 +149,20 @@ def main() -> None:
     parser.add_argument("--priors", type=Path, required=True, help="folder of loo_<V>_x<r> prior folders")
     parser.add_argument("--volumes", nargs="*", default=list(quality.VOLUMES))
     parser.add_argument("--factors", nargs="*", type=int, default=[2, 4])
-    parser.add_argument("--budget_min", type=float, default=0.0, help="warm-start fine-tune budget (0: none)")
+    parser.add_argument(
+        "--budgets",
+        nargs="*",
+        type=float,
+        default=[],
+        help="training budgets (min) of the warm-start and scratch rows",
+    )
+    parser.add_argument(
+        "--warm_lr_shares",
+        nargs="*",
+        type=float,
+        default=None,
+        help="warm-start learning rates as shares of the preset's (default: the planner's share)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "RESULTS.md")
     parser.add_argument("--record", type=Path, default=REPO / "docs" / "results_loo.json")
     args = parser.parse_args()
@@ -110,7 +171,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="icmd_loo_") as tmp:
         for volume in args.volumes:
             for factor in args.factors:
-                rows = run_case(volume, factor, args.priors, args.budget_min, Path(tmp))
+                rows = run_case(
+                    volume, factor, args.priors, args.budgets, args.warm_lr_shares or [None], Path(tmp)
+                )
                 results.setdefault(volume, {})[factor] = rows
                 print(
                     f"{volume} x{factor}: " + ", ".join(f"{k} {v['psnr_syn']:.2f}" for k, v in rows.items()),

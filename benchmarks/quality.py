@@ -45,7 +45,9 @@ from icmd_auto.dataset import write_dataset_json  # noqa: E402
 from icmd_auto.fingerprint import load_case_array  # noqa: E402
 from icmd_auto.template import scripts  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "ct"
+# the shared CT beside the repository; ICMD_CT_DATA names another folder holding the same files
+# (a device machine, where ../shared does not travel)
+DATA = Path(os.environ.get("ICMD_CT_DATA", REPO.parent / "shared" / "data" / "ct"))
 VOLUMES = {
     "chest_1.5mm": DATA / "totalseg_chest_1.5mm.nii.gz",
     "abdomen_3mm": DATA / "totalseg_example_ct_3mm.nii.gz",

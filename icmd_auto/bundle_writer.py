@@ -36,6 +36,7 @@ PLAN_KEYS = {
         "validation",
         "amp",
         "amp_dtype",
+        "threads",
         "datalist",
         "dicom_series",
         "init_weights",
@@ -96,6 +97,7 @@ def plan_values(plan: dict, training_images: list[str], dicom_series: list[str] 
         "validation": plan["validation"]["value"],
         "amp": plan["amp"]["value"],
         "amp_dtype": plan["amp_dtype"]["value"],
+        "threads": plan.get("threads", {}).get("value", 0),
         "datalist": [str(p) for p in training_images],
         "init_weights": f"$@bundle_root + '/models/{PRIOR_FILE}'"
         if plan.get("init", {}).get("value", {}).get("mode") == "prior"

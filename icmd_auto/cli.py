@@ -19,7 +19,9 @@ warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 from . import __version__, api  # noqa: E402
+from .demo import run_demo  # noqa: E402
 from .errors import ICMDError  # noqa: E402
+from .report import format_report  # noqa: E402
 
 logger = logging.getLogger("icmd_auto")
 
@@ -54,8 +56,9 @@ def plan(
     series: str | None = None,
     seconds_per_iteration: float | None = None,
     init: str | None = None,
+    threads: int | None = None,
 ):
-    """Check a dataset.json, fingerprint it, plan the experiment and generate WORK/bundle. --series UID takes that series from a DICOM folder holding several. With a time budget, --seconds_per_iteration S (e.g. the value an earlier plans.json recorded) replaces the timing probe: the same plan on any machine, busy or not. --init prior|scratch: training starts from the shipped CT prior (the default where one fits the plan) or from scratch."""
+    """Check a dataset.json, fingerprint it, plan the experiment and generate WORK/bundle. --series UID takes that series from a DICOM folder holding several. With a time budget, --seconds_per_iteration S (e.g. the value an earlier plans.json recorded) replaces the timing probe, and --threads N the probe's choice of CPU threads: the same plan on any machine, busy or not. --init scratch|prior: training starts from random weights (the default) or from the shipped CT prior (warm start)."""
     plans = api.plan(
         dataset,
         work,
@@ -71,6 +74,7 @@ def plan(
         recipe=recipe,
         seconds_per_iteration=seconds_per_iteration,
         init=init,
+        threads=threads,
     )
     t = plans["training"]["value"]
     print(f"plan: factor {plans['factor']['value']} ({plans['factor']['reason']})")
@@ -83,7 +87,8 @@ def plan(
     if "seconds_per_iteration" in plans:
         step = plans["seconds_per_iteration"]
         where = f"measured on {step['machine']}" if step["machine"] else "given"
-        print(f"      {step['value']:g} s per iteration ({where})")
+        threads = plans["threads"]["value"]
+        print(f"      {step['value']:g} s per iteration ({where}), {threads or 'default'} CPU threads")
     print(
         f"wrote {os.path.join(work, 'fingerprint.json')}, {os.path.join(work, 'plans.json')}, "
         f"{os.path.join(work, 'bundle')}/"
@@ -171,8 +176,6 @@ def import_bundle(archive: str, work: str, overwrite: bool = False):
 
 def demo(work: str = "icmd_demo", minutes: float = 3.0):
     """The built-in example: a synthetic CT phantom, then plan -> train -> predict -> evaluate in a few minutes."""
-    from .demo import run_demo
-
     run_demo(work, minutes=minutes, quiet=_QUIET)
 
 
@@ -192,24 +195,6 @@ def _uids(series) -> list[str] | None:
             f"--series {series}: give the SeriesInstanceUID in quotes, e.g. --series '\"{series}\"'"
         )
     return [str(s) for s in series] if isinstance(series, (list, tuple)) else [str(series)]
-
-
-def format_report(report: dict) -> str:
-    mean = report["mean"]
-    rows = [
-        f"x{report['factor']}, {report['num_cases']} case(s)",
-        f"{'method':<10}{'PSNR all':>10}{'PSNR syn':>10}{'SSIM_a':>9}{'SSIM_c':>9}{'SSIM_s':>9}",
-    ]
-    for method in ("icmd", "linear", "cubic", "nearest"):
-        if method in mean:
-            m = mean[method]
-            rows.append(
-                f"{method:<10}{m['psnr_all']:>10.2f}{m['psnr_syn']:>10.2f}{m['ssim_a']:>9.4f}"
-                f"{m['ssim_c']:>9.4f}{m['ssim_s']:>9.4f}"
-            )
-    if "gain_over_linear_psnr_syn" in mean:
-        rows.append(f"gain over linear (synthesized slices): {mean['gain_over_linear_psnr_syn']:+.2f} dB")
-    return "\n".join(rows)
 
 
 COMMANDS = {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import api
 from .dataset import write_dataset_json
+from .report import format_report
 from .synthetic import ct_phantom, save_nifti
 
 logger = logging.getLogger("icmd_auto")
@@ -24,8 +25,6 @@ FACTOR = 3
 
 
 def run_demo(work: str | Path, minutes: float = 3.0, quiet: bool = False) -> dict:
-    from .cli import format_report
-
     start = time.time()
     work = Path(work).expanduser().absolute()
     data = work / "data"

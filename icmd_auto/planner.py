@@ -12,7 +12,10 @@ Decisions, in order:
     patch, batch        the largest that fit the memory budget (measured activation memory)
     seconds/iteration   with a time budget: given (--seconds_per_iteration, e.g. the value an
                         earlier plans.json recorded) or from a timing probe on this machine,
-                        recorded with the machine; the only decision that depends on its load
+                        recorded with the machine and the raw timings (timing.py: warm-up steps
+                        untimed, the median of synchronised steps, on the training device); the
+                        only decision that depends on its load
+    threads             torch's CPU threads for training: the count the probe measured fastest
     schedule            epochs, iterations per epoch, distillation level starts; with a time
                         budget sized from the seconds per iteration
     validation          r thick slices held out at the end of every volume (when the volumes can
@@ -26,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,6 +36,14 @@ import torch
 from .errors import PlanningError
 from .prior import INITS, Prior, available, prior_for
 from .template import scripts
+from .timing import (
+    TIMED_STEPS,
+    WARMUP_STEPS,
+    conv_probe_seconds,
+    machine_description,
+    probe_training_step,
+    training_step_timings,
+)
 
 MIN_FACTOR, MAX_FACTOR = 2, 6
 ANISOTROPY_MIN = 1.5  # below this, thick slices are not thick: nothing to synthesise
@@ -44,6 +53,7 @@ RAM_SHARE = 0.25  # default CPU memory budget: a quarter of the RAM
 # without a GPU, and unless a preset or epochs are given, training is sized to this budget
 # (the benchmark's per-volume budget, docs/RESULTS.md)
 DEFAULT_CPU_BUDGET_MIN = 10.0
+STARTUP_S = 10.0  # of a time budget, the seconds before training starts (imports, caching the volumes)
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,8 @@ class PlanOptions:
     # seconds per training iteration for a time budget (a plans.json's recorded value): no timing probe
     seconds_per_iteration: float | None = None
     method: dict = field(default_factory=dict)  # icmd#... overrides written into train.json, over the recipe
-    init: str | None = None  # "prior" | "scratch"; None: the shipped prior where one fits the plan
+    init: str | None = None  # "prior" | "scratch"; None: scratch (DEFAULT_INIT_EVIDENCE)
+    threads: int | None = None  # torch CPU threads for training; None: the timing probe's fastest count
 
 
 # Method recipes: icmd#... values over the bundle's defaults (which are the paper's). The default
@@ -179,18 +190,6 @@ DEFAULT_RECIPE_REASON = (
 
 def decision(value, reason: str) -> dict:
     return {"value": value, "reason": reason}
-
-
-def machine_description() -> str:
-    """The machine a timing is measured on, as plans.json records it."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads, {gpu}"
 
 
 def default_memory_gb() -> tuple[float, str]:
@@ -350,34 +349,17 @@ def decide_patch_and_batch(
     )
 
 
-def seconds_per_iteration(
-    net, iteration, patch: list[int], batch: int, stage: int, repeats: int = 2, amp: bool = False
-) -> float:
-    """Wall time of a full training step (forward, backward, Adam) on this machine; with ``amp``, the
-    forward under bf16 autocast on the CPU (what the bundle's iteration does with amp on a CPU)."""
-    optimizer = torch.optim.Adam(net.parameters(), 1e-4)
-    volume = torch.randn(batch, 1, *patch)
-    net.train()
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            terms = net(volume, objective=lambda n, v: iteration.losses(n, v, stage, iteration.gamma))
-        terms["total"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return min(times[1:])  # the first step pays one-off allocation costs
-
-
 def decide_seconds_per_iteration(
     net, iteration, patch, batch, options: PlanOptions, num_levels: int, start_fractions: tuple[float, ...]
 ) -> dict:
-    """Seconds per training iteration, the stages weighted by the fraction of training each runs.
+    """Seconds per training iteration, the stages weighted by the fraction of training each runs,
+    and the CPU threads training uses.
 
-    Given (``options.seconds_per_iteration``) or measured here, rounded to 4 significant digits
-    and recorded with the machine: a busy machine measures more seconds and would plan fewer
-    iterations, so planning again with the recorded value gives the same plan anywhere.
+    Given (``options.seconds_per_iteration``) or measured here (timing.probe_training_step: on the
+    training device, after untimed warm-up steps, the median of several synchronised steps, at
+    the fastest CPU thread count under the present load), rounded to 4 significant digits and
+    recorded with the machine and every raw timing: planning again with the recorded value gives
+    the same plan anywhere.
     """
     if options.seconds_per_iteration is not None:
         seconds = float(options.seconds_per_iteration)
@@ -390,20 +372,51 @@ def decide_seconds_per_iteration(
         }
     bounds = [0.0, *start_fractions[:num_levels], 1.0]
     weights = [max(bounds[i + 1] - bounds[i], 0.0) for i in range(num_levels + 1)]
-    per_stage = {
-        s: seconds_per_iteration(net, iteration, patch, batch, s) for s, w in enumerate(weights) if w > 0
-    }
+    stages = [s for s, w in enumerate(weights) if w > 0]
+    probe = probe_training_step(
+        net, iteration, patch, batch, stages, amp=torch.cuda.is_available(), threads=options.threads
+    )
+    per_stage = probe["per_stage"]
     mean = sum(weights[s] * t for s, t in per_stage.items()) / sum(weights[s] for s in per_stage)
     timing = ", ".join(f"stage {s}: {t:.3g} s" for s, t in per_stage.items())
+    threads = probe["threads"] or 0
+    on = (
+        f"{probe['device']}"
+        if threads == 0
+        else f"the CPU with {threads} thread{'s' * (threads > 1)}, the fastest of "
+        f"{', '.join(probe['timings'])} threads under this machine's present load"
+    )
     return {
         "value": float(f"{mean:.4g}"),
         "machine": machine_description(),
+        "threads": threads,
+        "timings": {"warmup_steps": WARMUP_STEPS, "seconds": probe["timings"]},
         "reason": (
-            f"timing probe on the machine named here ({timing}; the stages weighted by the fraction of "
-            "training each runs); plan again with --seconds_per_iteration VALUE for the same schedule "
+            f"timing probe on {on}: median of {TIMED_STEPS} synchronised steps after {WARMUP_STEPS} untimed "
+            f"warm-up steps ({timing}; the stages weighted by the fraction of training each runs; every step's "
+            "seconds in 'timings'); plan again with --seconds_per_iteration VALUE --threads N for the same plan "
             "without measuring (a busy machine measures more seconds and would plan fewer iterations)"
         ),
     }
+
+
+def decide_threads(step: dict | None, options: PlanOptions) -> tuple[int, str]:
+    """torch's CPU threads for training: given, else the timing probe's fastest count, else torch's default."""
+    if options.threads is not None:
+        if int(options.threads) < 1:
+            raise PlanningError(f"--threads {options.threads}: must be at least 1")
+        return int(options.threads), "given (--threads)"
+    if step is None or not step.get("threads"):
+        why = (
+            "a GPU trains"
+            if torch.cuda.is_available()
+            else "no timing probe ran (no time budget, or a given --seconds_per_iteration)"
+        )
+        return 0, f"torch's default ({why})"
+    return step["threads"], (
+        "the thread count whose training step the timing probe measured fastest (see seconds_per_iteration): "
+        "OpenMP threads that outnumber the free cores spin at barriers"
+    )
 
 
 def decide_schedule(
@@ -422,12 +435,14 @@ def decide_schedule(
         time_limit = 0
     else:
         budget_s = options.time_budget_min * 60
-        # startup (imports, caching volumes) is not training time; keep a margin for it and the saves
-        usable = max(budget_s * 0.9 - 20, budget_s * 0.5)
+        # startup (imports, caching volumes: ~10 s on 2 cores) is not training time; 5% is kept for
+        # validation and checkpoints (benchmarks/probe.py: the training this plans, docs/PERFORMANCE.md)
+        usable = max(budget_s * 0.95 - STARTUP_S, budget_s * 0.5)
         iterations = max(int(usable / step_seconds), 1)
-        epochs = max(iterations // ipe, 1) if iterations >= 2 * ipe else max(iterations // 10, 1)
-        if epochs * ipe > iterations:
-            ipe = max(iterations // epochs, 1)
+        # epochs of about the preset's length (of about 10 for short budgets), the iterations spread
+        # over them: the whole count is trained, not its round-down to whole preset epochs
+        epochs = max(round(iterations / ipe), 1) if iterations >= 2 * ipe else max(iterations // 10, 1)
+        ipe = max(iterations // epochs, 1)
         time_limit = int(budget_s)
         reason = (
             f"time budget {options.time_budget_min:g} min: {step_seconds:.4g} s per iteration (see "
@@ -573,9 +588,12 @@ def decide_amp(net, iteration, patch: list[int], stage: int, cuda: bool) -> tupl
             losses.append(float(terms["total"]))
     difference = abs(losses[1] - losses[0]) / max(abs(losses[0]), 1e-12)
     fp32 = bf16 = float("inf")
+    cpu = torch.device("cpu")
     for _ in range(AMP_PROBE_ROUNDS):  # interleaved, the best of each: a busy machine slows both alike
-        fp32 = min(fp32, seconds_per_iteration(net, iteration, probe, 1, stage, repeats=1))
-        bf16 = min(bf16, seconds_per_iteration(net, iteration, probe, 1, stage, repeats=1, amp=True))
+        fp32 = min(fp32, *training_step_timings(net, iteration, probe, 1, stage, cpu, warmup=1, repeats=1))
+        bf16 = min(
+            bf16, *training_step_timings(net, iteration, probe, 1, stage, cpu, amp=True, warmup=1, repeats=1)
+        )
     measured = (
         f"a training step (batch 1, patch {probe[0]}x{probe[1]}x{probe[2]}, best of {AMP_PROBE_ROUNDS}) took {bf16:.3g} s with bf16 autocast against {fp32:.3g} s in "
         f"float32 on this CPU ({fp32 / bf16:.2g}x), its loss differed by {difference:.2%}"
@@ -684,35 +702,38 @@ def decide_inference_precision(cuda: bool) -> tuple[str, str]:
     )
 
 
-def conv_probe_seconds(dtype: torch.dtype | None, repeats: int = 3) -> float:
-    """Best wall time of a small 32-channel 3x3 conv stack in channels-last (the planar networks' work)."""
-    convs = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(2)]).eval()
-    convs = convs.to(memory_format=torch.channels_last)
-    x = torch.randn(4, 32, 128, 32).contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    best = float("inf")
-    with torch.inference_mode(), autocast:
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            convs(x)
-            best = min(best, time.perf_counter() - start)
-    return best
-
-
 WARM_START_LR_SHARE = 1 / 3  # a fine-tune starts from trained weights: a third of the preset's rate
 
 
+# Training starts from scratch unless --init prior: warm start from the shipped prior was measured
+# behind scratch (docs/RESULTS.md, "Warm start or scratch"); it becomes the default when a row of
+# that section shows it ahead on the leave-one-out volumes.
+DEFAULT_INIT_EVIDENCE = "docs/RESULTS.md, 'Warm start or scratch'"
+
+
 def decide_init(factor: int, recipe: str, method: dict, options: PlanOptions) -> tuple[Prior | None, str]:
-    """Start training from the shipped prior (warm start) or from scratch.
+    """Start training from the shipped prior (warm start, ``--init prior``) or from scratch (the default).
 
     The prior is taken where it fits the plan: one is shipped for the factor, the recipe is the
     prior's, no other preset was asked for and the method does not change the network's
-    structure. ``--init prior`` makes a misfit an error; ``--init scratch`` never takes it.
+    structure; a misfit is an error.
     """
     if options.init not in (None, *INITS):
         raise PlanningError(f"unknown init {options.init!r}; choose one of {list(INITS)}")
     if options.init == "scratch":
         return None, "given (--init scratch)"
+    if options.init is None:
+        shipped = prior_for(factor)
+        return None, (
+            f"from scratch, the default: in 10 CPU minutes a warm start from the shipped prior ended behind "
+            f"training from scratch on every measured case ({DEFAULT_INIT_EVIDENCE}); "
+            + (
+                f"--init prior starts from {shipped.weights.name} instead"
+                if shipped
+                else f"no prior is shipped for x{factor}"
+            )
+            + "; `icmd_auto predict` without --work uses the prior untrained (zero-shot)"
+        )
     prior = prior_for(factor)
     shipped = sorted(available())
     misfit = None
@@ -732,12 +753,9 @@ def decide_init(factor: int, recipe: str, method: dict, options: PlanOptions) ->
         if missing or unexpected:
             misfit = f"the method's network does not match the prior's ({len(missing)} missing, {len(unexpected)} unexpected weights)"
     if misfit:
-        if options.init == "prior":
-            raise PlanningError(f"--init prior: {misfit}")
-        return None, f"from scratch: {misfit}"
-    how = "given (--init prior)" if options.init == "prior" else "the default where a prior fits"
+        raise PlanningError(f"--init prior: {misfit}")
     return prior, (
-        f"warm start from the shipped prior {prior.describe()}; {how}. Training fine-tunes it at "
+        f"warm start from the shipped prior {prior.describe()}; given (--init prior). Training fine-tunes it at "
         f"{WARM_START_LR_SHARE:.2g} x the preset's learning rate, with the prior's intensity standardisation "
         "(its weights expect it); `icmd_auto predict` without --work uses it untrained (zero-shot)"
     )
@@ -858,6 +876,7 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
             net, iteration, patch, batch, options, num_levels, start_fractions
         )
         step_seconds = plan["seconds_per_iteration"]["value"]
+    plan["threads"] = decision(*decide_threads(plan.get("seconds_per_iteration"), options))
     schedule, schedule_reason = decide_schedule(preset, options, num_levels, start_fractions, step_seconds)
     plan["training"] = decision(schedule, schedule_reason)
     validation = scripts.validation.SelfSupervisedValidation(

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, run_cli, write_dataset
 
-from icmd_auto import api
+from icmd_auto import api, planner
+from icmd_auto.errors import PlanningError
 from icmd_auto.prior import available
 from icmd_auto.synthetic import ct_phantom, save_nifti
 from icmd_auto.template import scripts
@@ -112,7 +113,13 @@ def test_zero_shot_predict_needs_no_work_folder(phantom, tmp_path):
 
 def test_plan_says_which_init_and_why(phantom, tmp_path):
     dataset = write_dataset(tmp_path / "dataset.json", [phantom])
-    warm = api.plan(dataset, tmp_path / "warm", factor=3, epochs=1)
+    default = api.plan(dataset, tmp_path / "default", factor=3, epochs=1)
+    assert default["init"]["value"] == {"mode": "scratch", "weights": None}
+    assert (
+        planner.DEFAULT_INIT_EVIDENCE in default["init"]["reason"]
+        and "--init prior" in default["init"]["reason"]
+    )
+    warm = api.plan(dataset, tmp_path / "warm", factor=3, epochs=1, init="prior")
     assert warm["init"]["value"]["mode"] == "prior" and "warm start" in warm["init"]["reason"]
     assert warm["intensity"]["value"] == available()[3].intensity, "the prior's standardisation"
     train = json.loads((tmp_path / "warm" / "bundle" / "configs" / "train.json").read_text())
@@ -120,8 +127,10 @@ def test_plan_says_which_init_and_why(phantom, tmp_path):
     assert (tmp_path / "warm" / "bundle" / "models" / "prior.pt").is_file()
     scratch = api.plan(dataset, tmp_path / "scratch", factor=3, epochs=1, init="scratch")
     assert scratch["init"]["value"]["mode"] == "scratch" and "given" in scratch["init"]["reason"]
+    with pytest.raises(PlanningError, match="--init prior: the prior is the 'inplane' recipe's network"):
+        api.plan(dataset, tmp_path / "misfit", factor=3, epochs=1, recipe="icmd", preset="tiny", init="prior")
     paper = api.plan(dataset, tmp_path / "icmd", factor=3, epochs=1, recipe="icmd", preset="tiny")
-    assert paper["init"]["value"]["mode"] == "scratch" and "recipe" in paper["init"]["reason"]
+    assert paper["init"]["value"]["mode"] == "scratch"
     assert (
         json.loads((tmp_path / "icmd" / "bundle" / "configs" / "train.json").read_text())["init_weights"]
         is None

@@ -8,7 +8,7 @@ import pytest
 from conftest import CHEST, REPO, requires_shared_data, run_cli, run_main, write_dataset
 from monai.bundle import ConfigParser
 
-from icmd_auto import api, planner
+from icmd_auto import api, planner, timing
 from icmd_auto.dataset import read_dataset_json
 from icmd_auto.errors import PlanningError
 from icmd_auto.fingerprint import dataset_fingerprint
@@ -79,12 +79,15 @@ def test_time_budget_sizes_the_schedule(thick_fingerprint):
     # with the seconds per iteration given, the schedule follows from the budget alone (no machine load)
     short, long = planned(0.5, 0.05), planned(5, 0.05)
     total = lambda p: p["training"]["value"]["epochs"] * p["training"]["value"]["iterations_per_epoch"]  # noqa: E731
-    assert total(short) == 300 and total(long) == 5000, "15 s and 250 s of training at 0.05 s"
+    assert total(short) == 370 and total(long) == 5500, "18.5 s and 275 s of training at 0.05 s"
     assert short["training"]["value"]["time_limit_s"] == 30
     assert "0.05 s per iteration" in short["training"]["reason"]
     measured = planned(0.5)["seconds_per_iteration"]
     assert measured["value"] > 0 and "timing probe" in measured["reason"]
-    assert measured["machine"] == planner.machine_description()
+    assert measured["machine"] == timing.machine_description()
+    raw = measured["timings"]["seconds"]
+    assert set(raw) == {str(n) for n in timing.thread_candidates()}, "every candidate thread count timed"
+    assert all(len(steps) == timing.TIMED_STEPS for per_stage in raw.values() for steps in per_stage.values())
 
 
 @requires_shared_data
@@ -165,8 +168,10 @@ def test_recipe_reason_cites_rows_of_the_benchmark_record_that_support_it():
 
 
 def _timing(seconds: float):
-    """planner.seconds_per_iteration on a machine where a float32 step takes ``seconds`` (bf16 twice that)."""
-    return lambda *args, amp=False, **kwargs: seconds * (2 if amp else 1)
+    """timing.training_step_timings on a machine where a float32 step takes ``seconds`` (bf16 twice that)."""
+    return lambda *args, amp=False, repeats=timing.TIMED_STEPS, **kwargs: (
+        [seconds * (2 if amp else 1)] * repeats
+    )
 
 
 def test_recorded_seconds_per_iteration_give_the_same_plan_on_a_busy_machine(tmp_path, monkeypatch, capfd):
@@ -174,12 +179,14 @@ def test_recorded_seconds_per_iteration_give_the_same_plan_on_a_busy_machine(tmp
     save_nifti(ct_phantom((48, 48, 12), (1.0, 1.0, 3.0)), (1.0, 1.0, 3.0), str(path))
     dataset = write_dataset(tmp_path / "dataset.json", [path])
     options = {"preset": "tiny", "memory_gb": 2, "time_budget_min": 1}
-    monkeypatch.setattr(planner, "seconds_per_iteration", _timing(0.01))
+    monkeypatch.setattr(timing, "training_step_timings", _timing(0.01))
     idle = api.plan(dataset, tmp_path / "idle", **options)
     recorded = idle["seconds_per_iteration"]
-    assert recorded["value"] == 0.01 and recorded["machine"] == planner.machine_description()
+    assert recorded["value"] == 0.01 and recorded["machine"] == timing.machine_description()
+    assert recorded["timings"]["warmup_steps"] == timing.WARMUP_STEPS
+    assert idle["threads"]["value"] == recorded["threads"] == max(timing.thread_candidates())
 
-    monkeypatch.setattr(planner, "seconds_per_iteration", _timing(0.05))  # the same machine, busy
+    monkeypatch.setattr(timing, "training_step_timings", _timing(0.05))  # the same machine, busy
     busy = api.plan(dataset, tmp_path / "busy", **options)
     total = lambda p: p["training"]["value"]["epochs"] * p["training"]["value"]["iterations_per_epoch"]  # noqa: E731
     assert total(busy) < total(idle), "measured on a busy machine, the plan has fewer iterations"
@@ -187,6 +194,7 @@ def test_recorded_seconds_per_iteration_give_the_same_plan_on_a_busy_machine(tmp
     result = run_main(
         capfd, "plan", "--dataset", str(dataset), "--work", str(tmp_path / "again"), "--preset", "tiny",
         "--memory_gb", "2", "--time_budget_min", "1", "--seconds_per_iteration", str(recorded["value"]),
+        "--threads", str(idle["threads"]["value"]),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "0.01 s per iteration (given)" in result.stdout

@@ -263,7 +263,7 @@ def test_planner_turns_amp_on_for_cuda_and_for_a_cpu_only_where_bf16_is_measured
     monkeypatch.setattr(planner, "conv_probe_seconds", lambda dtype: 0.05 if dtype is None else 0.02)
     for bf16, expect in ((0.5, True), (1.1, False), (8.0, False)):
         monkeypatch.setattr(
-            planner, "seconds_per_iteration", lambda *a, amp=False, b=bf16, **k: b if amp else 1.0
+            planner, "training_step_timings", lambda *a, amp=False, b=bf16, **k: [b if amp else 1.0]
         )
         on, reason = planner.decide_amp(net, iteration, [16, 16, 7], 2, cuda=False)
         assert on is expect, reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from ignite.engine import Engine, Events
 
@@ -11,8 +12,9 @@ from ignite.engine import Engine, Events
 class MetricsLog:
     """Append ``engine.state.output`` (a dict of floats, or a list holding one) to a JSONL file every ``interval`` iterations.
 
-    Lines: {"epoch", "iteration", "stage", "gamma", <every loss term>}. Only rank 0 writes when
-    running distributed.
+    Lines: {"epoch", "iteration", "stage", "gamma", "time", <every loss term>}; ``time`` is the
+    wall-clock time (seconds since the epoch) the iteration completed, so the seconds per iteration
+    of a run can be read from the log. Only rank 0 writes when running distributed.
     """
 
     def __init__(self, path: str, interval: int = 1):
@@ -36,6 +38,7 @@ class MetricsLog:
             "iteration": engine.state.iteration,
             "stage": int(getattr(engine.state, "stage", 0)),
             "gamma": float(getattr(engine.state, "gamma", 0.0)),
+            "time": round(time.time(), 3),
         }
         record.update({k: float(v) for k, v in output.items() if k != "loss"})
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
