@@ -37,6 +37,7 @@ PLAN_KEYS = {
         "amp",
         "amp_dtype",
         "threads",
+        "cache_on_device",
         "datalist",
         "dicom_series",
         "init_weights",
@@ -98,6 +99,7 @@ def plan_values(plan: dict, training_images: list[str], dicom_series: list[str] 
         "amp": plan["amp"]["value"],
         "amp_dtype": plan["amp_dtype"]["value"],
         "threads": plan.get("threads", {}).get("value", 0),
+        "cache_on_device": plan.get("cache_on_device", {}).get("value", False),
         "datalist": [str(p) for p in training_images],
         "init_weights": f"$@bundle_root + '/models/{PRIOR_FILE}'"
         if plan.get("init", {}).get("value", {}).get("mode") == "prior"

@@ -9,7 +9,9 @@ Decisions, in order:
                         refused when the data is near-isotropic or a case is too short
     intensity window    the fingerprint's pooled 0.5 / 99.5 percentiles, mean and std
     preset              tiny (tests) / small (CPU) / paper (GPU): network widths and depths
-    patch, batch        the largest that fit the memory budget (measured activation memory)
+    patch, batch        the largest that fit the memory budget (measured activation memory); on a
+                        GPU the batch doubles while the measured samples/s grow (decide_device_batch)
+    cache_on_device     the training volumes cached on the GPU where they fit (crops run there)
     seconds/iteration   with a time budget: given (--seconds_per_iteration, e.g. the value an
                         earlier plans.json recorded) or from a timing probe on this machine,
                         recorded with the machine and the raw timings (timing.py: warm-up steps
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -42,6 +45,7 @@ from .timing import (
     conv_probe_seconds,
     machine_description,
     probe_training_step,
+    training_device,
     training_step_timings,
 )
 
@@ -320,8 +324,9 @@ def training_activation_bytes(net, iteration, patch: list[int], batch: int, stag
 
 def decide_patch_and_batch(
     net, iteration, preset: Preset, factor: int, min_shape: list[int], memory_gb: float, num_levels: int
-) -> tuple[list[int], int, str]:
-    """The largest patch (then batch) whose measured activation memory fits the budget."""
+) -> tuple[list[int], int, str, int]:
+    """The largest patch (then batch up to the preset's) whose measured activation memory fits the
+    budget, and the largest batch that would fit next to that patch (decide_device_batch's bound)."""
     pz = min(patch_slices(factor), int(min_shape[2]))
     fit_xy = [c for c in PATCH_XY_CANDIDATES if c <= preset.max_patch_xy and c <= min(min_shape[:2])]
     if not fit_xy:  # volumes smaller than the smallest candidate: the largest multiple of 8 that fits
@@ -340,12 +345,66 @@ def decide_patch_and_batch(
                     f"measured training activations x{TRAIN_MEMORY_SAFETY:g} ({need / 2**30:.2f} GB) fit "
                     f"the {memory_gb:g} GB budget"
                 )
-                return [xy, xy, pz], batch, reason
+                most = int(budget // (per_sample * (xy / ref_xy) ** 2 * TRAIN_MEMORY_SAFETY))
+                return [xy, xy, pz], batch, reason, most
     xy = fit_xy[-1]
     need = per_sample * (xy / ref_xy) ** 2 * TRAIN_MEMORY_SAFETY
     raise PlanningError(
         f"the memory budget {memory_gb:g} GB is too small: the smallest patch ({xy}x{xy}x{pz}, batch 1) "
         f"needs about {need / 2**30:.2f} GB; raise --memory_gb or use --preset tiny"
+    )
+
+
+# On a GPU a small batch leaves the device idle between kernel launches: the batch doubles while a
+# doubled batch trains at least GPU_BATCH_GAIN x the samples per second (measured) and fits.
+GPU_BATCH_GAIN = 1.1
+GPU_BATCH_MAX = 512
+CACHE_DEVICE_SHARE = 0.1  # the cached training volumes may take this share of the GPU memory budget
+
+
+def decide_device_batch(
+    net, iteration, patch: list[int], batch: int, most: int, stage: int, memory_reason: str
+) -> tuple[int, str]:
+    """The batch on a GPU: from the memory decision's batch, doubled while the measured samples per
+    second grow by GPU_BATCH_GAIN and the activations fit (``most``), at most GPU_BATCH_MAX."""
+    device = training_device()
+    rate = {}
+
+    def samples_per_s(b: int) -> float:
+        seconds = statistics.median(
+            training_step_timings(net, iteration, patch, b, stage, device, amp=True, repeats=3)
+        )
+        rate[b] = b / seconds
+        return rate[b]
+
+    best = samples_per_s(batch)
+    while batch * 2 <= min(most, GPU_BATCH_MAX):
+        if samples_per_s(batch * 2) < GPU_BATCH_GAIN * best:
+            break
+        batch, best = batch * 2, rate[batch * 2]
+    measured = ", ".join(f"batch {b}: {r:.0f}" for b, r in rate.items())
+    return batch, (
+        f"the GPU's batch: doubled from the memory decision's ({memory_reason}) while a doubled batch trained at "
+        f"least {GPU_BATCH_GAIN:g} x the samples per second and fit ({most} fit, at most {GPU_BATCH_MAX}); measured "
+        f"samples/s on {device}: {measured}. The learning rate is the preset's (Adam; not scaled with the batch)"
+    )
+
+
+def decide_cache_on_device(shapes: list, memory_gb: float) -> tuple[bool, str]:
+    """Cache the training volumes on the GPU (random crops and flips run there) where they fit in
+    CACHE_DEVICE_SHARE of the memory budget."""
+    if not torch.cuda.is_available():
+        return False, "no GPU: the volumes are cached in host memory"
+    need = sum(4.0 * s[0] * s[1] * s[2] for s in shapes)  # float32 after preprocessing
+    fits = need <= CACHE_DEVICE_SHARE * memory_gb * 2**30
+    return fits, (
+        f"the training volumes take {need / 2**30:.2f} GB as float32, "
+        + (
+            f"within {CACHE_DEVICE_SHARE:.0%} of the {memory_gb:g} GB budget: cached on the GPU, so random crops, "
+            "flips and rotations run there and no batch crosses the bus"
+            if fits
+            else f"more than {CACHE_DEVICE_SHARE:.0%} of the {memory_gb:g} GB budget: cached in host memory"
+        )
     )
 
 
@@ -855,15 +914,17 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
     iteration = build_iteration(factor, preset.cmd_planes, method)
     holdout, holdout_reason = decide_holdout(int(min_shape[2]), factor)
     train_shape = [min_shape[0], min_shape[1], min_shape[2] - holdout]  # what training sees
-    patch, batch, patch_reason = decide_patch_and_batch(
+    patch, batch, patch_reason, most = decide_patch_and_batch(
         net, iteration, preset, factor, train_shape, memory_gb, num_levels
     )
     plan["patch_size"] = decision(patch, patch_reason)
-    plan["batch_size"] = decision(
-        batch,
-        "see patch_size: the largest batch up to the preset's "
-        f"{preset.batch_size} that fits next to that patch",
-    )
+    batch_reason = f"see patch_size: the largest batch up to the preset's {preset.batch_size} that fits next to that patch"
+    if torch.cuda.is_available():
+        batch, batch_reason = decide_device_batch(
+            net, iteration, patch, batch, most, num_levels, batch_reason
+        )
+    plan["batch_size"] = decision(batch, batch_reason)
+    plan["cache_on_device"] = decision(*decide_cache_on_device(shapes, memory_gb))
     plan["cmd_planes"] = decision(
         preset.cmd_planes,
         "coronal/sagittal planes per patch distilled per level "

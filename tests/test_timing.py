@@ -61,3 +61,50 @@ def test_thread_candidates():
     assert timing.thread_candidates(16) == [16, 8, 1]
     assert timing.thread_candidates(2) == [2, 1]
     assert timing.thread_candidates(1) == [1]
+
+
+def test_the_gpu_batch_doubles_while_samples_per_second_grow(monkeypatch):
+    """planner.decide_device_batch on a device where a step costs 0.1 s + 1 ms per sample: samples/s
+    grow by more than 10% up to batch 512 (the cap), and stop at the memory bound where it is lower."""
+    from icmd_auto import planner
+
+    calls = []
+
+    def step(net, iteration, patch, batch, stage, device=None, amp=False, warmup=2, repeats=5):
+        calls.append(batch)
+        return [0.1 + 0.001 * batch] * repeats
+
+    monkeypatch.setattr(planner, "training_step_timings", step)
+    batch, reason = planner.decide_device_batch(None, None, [64, 64, 9], 8, 10_000, 2, "memory")
+    assert batch == planner.GPU_BATCH_MAX and calls == [8, 16, 32, 64, 128, 256, 512]
+    assert "batch 512: 837" in reason
+    calls.clear()
+    assert planner.decide_device_batch(None, None, [64, 64, 9], 8, 100, 2, "memory")[0] == 64
+    # a device that is saturated at once keeps the memory decision's batch
+    monkeypatch.setattr(planner, "training_step_timings", lambda *a, repeats=5, **k: [0.01 * a[3]] * repeats)
+    assert planner.decide_device_batch(None, None, [64, 64, 9], 8, 10_000, 2, "memory")[0] == 8
+
+
+def test_cached_volumes_go_to_the_training_device():
+    """train.json's cache_on_device: the last cached transform puts the volume on ``device``."""
+    from monai.bundle import ConfigParser
+
+    from icmd_auto.template import TEMPLATE_DIR
+
+    parser = ConfigParser()
+    parser.read_config(str(TEMPLATE_DIR / "configs" / "train.json"))
+    key = "train#preprocessing#transforms#3"
+    assert parser[key]["_target_"] == "EnsureTyped" and parser["train#preprocessing#transforms#4"][
+        "_target_"
+    ].startswith("Rand"), "the last transform CacheDataset caches"
+    parser.update({"cache_on_device": True, "device": "$torch.device('cpu')"})
+    ensure = parser.get_parsed_content(key)
+    out = ensure({"image": torch.zeros(1, 4, 4, 3, dtype=torch.int16)})["image"]
+    assert (
+        ensure.converter.device == torch.device("cpu")
+        and out.device.type == "cpu"
+        and out.dtype == torch.float32
+    )
+    parser.update({"cache_on_device": False})
+    parser.parse()
+    assert parser.get_parsed_content(key).converter.device is None
