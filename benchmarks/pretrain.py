@@ -95,13 +95,27 @@ class Volume:
     array: np.ndarray  # (X, Y, Z) float32, HU
     spacing: tuple[float, float, float]  # mm
     source: str  # the file or DICOM folder it was read from
+    record: dict | None = None  # its entry in its folder's sources.json (licence, attribution, ...)
+
+
+def source_records(folder: Path) -> dict[str, dict]:
+    """The entries of ``folder/sources.json`` (benchmarks/fetch_ct.py's record: one per series, with
+    its licence and attribution) by file name; none where the folder has no such file."""
+    path = folder / "sources.json"
+    if not path.is_file():
+        return {}
+    series = json.loads(path.read_text()).get("series", [])
+    return {entry["file"]: {k: v for k, v in entry.items() if k not in ("file", "name")} for entry in series}
 
 
 def load_volumes(data: Path, data_dirs: list[Path], leave_out: list[str]) -> dict[str, Volume]:
     """The pretraining CT by name: the shared volumes in ``data`` and every ``*.nii.gz`` in each of
-    ``data_dirs`` (named by its file name without .nii.gz), less those named in ``leave_out``."""
+    ``data_dirs`` (named by its file name without .nii.gz, with its entry of the folder's
+    sources.json where there is one), less those named in ``leave_out``."""
     files = {name: data / file for name, file in VOLUMES.items()}
+    records = {}
     for folder in data_dirs:
+        records.update({str(folder / f): r for f, r in source_records(folder).items()})
         found = sorted(folder.glob("*.nii.gz"))
         if not found:
             raise SystemExit(f"--data_dir {folder}: no .nii.gz volumes in it")
@@ -120,7 +134,9 @@ def load_volumes(data: Path, data_dirs: list[Path], leave_out: list[str]) -> dic
         if name in leave_out:
             continue
         array, affine, _ = load_case_array(path)
-        volumes[name] = Volume(array.astype(np.float32), scripts.io.voxel_spacing(affine), str(path))
+        volumes[name] = Volume(
+            array.astype(np.float32), scripts.io.voxel_spacing(affine), str(path), records.get(str(path))
+        )
     if not volumes:
         raise SystemExit("no volumes left to train on (--leave_out names them all)")
     return volumes
@@ -671,6 +687,7 @@ def write_card(context: dict, state: dict) -> dict:
                 "shape": list(v.array.shape),
                 "spacing_mm": [round(s, 4) for s in v.spacing],
                 "source": v.source if Path(v.source).parent != args.data else Path(v.source).name,
+                **(v.record or {}),
             }
             for name, v in volumes.items()
         },

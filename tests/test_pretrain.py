@@ -144,6 +144,8 @@ def data_dir(tmp_path_factory) -> Path:
             (1.0, 1.0, 1.0),
             str(folder / f"made_{seed}.nii.gz"),
         )
+    record = {"file": "made_0.nii.gz", "name": "made_0", "licence": "CC0", "attribution": "this test"}
+    (folder / "sources.json").write_text(json.dumps({"series": [record]}))  # as benchmarks/fetch_ct.py writes
     return folder
 
 
@@ -160,6 +162,7 @@ def test_short_run_writes_the_prior_and_resume_continues_it(data_dir, tmp_path):
     card = run(data_dir, tmp_path / "leases", "--steps", "3")
     assert card["iterations"] == 3 and card["factor"] == 2
     assert sorted(card["data"]) == ["made_0", "made_1"] and card["data"]["made_0"]["shape"] == [48, 44, 14]
+    assert card["data"]["made_0"]["licence"] == "CC0" and "licence" not in card["data"]["made_1"]
     (lease,) = card["leases"]
     assert lease["steps"] == 3 and lease["device"] == "cpu" and lease["samples_per_s"] > 0
     first_curve = card["validation"]["curve"]
