@@ -2,20 +2,26 @@
 
     python benchmarks/speed.py                      # 512 x 512 x 100 and x 300 at x4, default plan
     python benchmarks/speed.py --slices 100         # one volume
+    python benchmarks/speed.py --slices 100 --zero_shot   # no --work: the shipped prior (plan included)
 
 In one process:
   1. the roofline probe: the attainable 3x3-convolution GFLOP/s of this machine, the best of
      several runs of a conv stack like the planar networks' (32 channels, channels-last, whole
-     512-pixel planes; on CUDA under the planner's autocast);
+     512-pixel planes), in float32 and under bf16 (and on CUDA fp16) autocast: a row's fraction
+     is of its plan's precision;
   2. for each volume: a 512 x 512 x S int16 phantom at 0.7 x 0.7 x 2.8 mm (x4 -> 0.7 mm), the
      default plan (``icmd_auto plan``, the planner's preset and plane chunk for this machine) and a
      one-iteration training (weights change neither time nor memory), then the whole
      ``icmd_auto predict`` command as a user runs it, its stderr on a pseudo-terminal (the progress
      bar shows): wall time, peak RSS (the child's rusage), output voxels/s, and the achieved
      convolution throughput (the plan's counted FLOPs per output voxel x output voxels / wall
-     time) as a fraction of the roofline;
+     time) as a fraction of the roofline. With ``--zero_shot`` the command is the zero-shot
+     ``icmd_auto predict --input ... --factor 4`` (no plan or training before it; the FLOPs are
+     those of the plan it makes, planned again beside it);
   3. linear interpolation along z on the same volume (scripts.evaluation.interpolate_z).
-Prints the table and writes it into docs/PERFORMANCE.md (between markers) with the command.
+The command runs under stages.py, which times its stages (read, input checks, zero-shot plan,
+model load, synthesis, finalize, write, ...) in the same run.
+Prints the tables and writes them into docs/PERFORMANCE.md (between markers) with the command.
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ def linear_seconds(volume: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(slices: int, root: Path, roofline: float, extra_plan: list[str]) -> dict:
+def measure(slices: int, root: Path, rooflines: dict, extra_plan: list[str], zero_shot: bool) -> dict:
     shape = (512, 512, slices)
     folder = root / f"512x512x{slices}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,24 +133,39 @@ def measure(slices: int, root: Path, roofline: float, extra_plan: list[str]) -> 
         print(f"making {volume} ...", flush=True)
         save_nifti(ct_phantom_large(shape, SPACING), SPACING, str(volume))
     dataset = write_dataset_json(folder / "dataset.json", [str(volume)], name=f"speed_{slices}")
-    work = folder / "work"
-    run(icmd("plan", "--dataset", str(dataset), "--work", str(work), "--epochs", "1", *extra_plan))
-    run(icmd("train", "--work", str(work), "--epochs", "1", "--iterations_per_epoch", "1", "--quiet"))
+    work = folder / ("zero_shot_plan" if zero_shot else "work")
     output = folder / "thin.nii.gz"
-    cmd = icmd("predict", "--work", str(work), "--input", str(volume), "--output", str(output), "--overwrite")
-    print("$ icmd_auto", " ".join(cmd[3:]), flush=True)
+    args = ["predict", "--input", str(volume), "--output", str(output), "--overwrite"]
+    if zero_shot:  # the plan the command makes for itself, made here to read its FLOPs
+        zero_shot_plan = ["--factor", str(FACTOR), "--epochs", "1", "--init", "prior"]
+        run(icmd("plan", "--dataset", str(dataset), "--work", str(work), *zero_shot_plan))
+        args += ["--factor", str(FACTOR)]
+    else:
+        run(icmd("plan", "--dataset", str(dataset), "--work", str(work), "--epochs", "1", *extra_plan))
+        run(icmd("train", "--work", str(work), "--epochs", "1", "--iterations_per_epoch", "1", "--quiet"))
+        args += ["--work", str(work)]
+    profile = folder / "stages.json"
+    print("$ icmd_auto", " ".join(args), flush=True)
     load_before = os.getloadavg()[0]
-    _, wall, rss = on_a_terminal(cmd)
+    _, wall, rss = on_a_terminal(
+        [sys.executable, str(Path(__file__).with_name("stages.py")), str(profile), *args]
+    )
     load_after = os.getloadavg()[0]
+    stages = json.loads(profile.read_text())
     plans = json.loads((work / "plans.json").read_text())
-    out_shape = nib.load(str(output)).shape
+    thin = nib.load(str(output))
+    out_shape = thin.shape
     assert out_shape == (512, 512, (slices - 1) * FACTOR + 1), out_shape
     voxels = int(np.prod(out_shape))
     flops = float(plans["flops_per_output_voxel"]["value"]) * voxels
+    roofline = rooflines[plans["plane_inference"]["value"].get("amp") or "fp32"]  # at the plan's precision
     linear = linear_seconds(volume)
     return {
         "volume": f"512x512x{slices}",
+        "command": "zero-shot" if zero_shot else "--work",
         "output_shape": list(out_shape),
+        "output_dtype": str(thin.get_data_dtype()),
+        "output_mb": output.stat().st_size / 1e6,
         "preset": plans["preset"]["value"],
         "plane_inference": plans["plane_inference"]["value"],
         "flops_per_output_voxel": plans["flops_per_output_voxel"]["value"],
@@ -156,25 +177,108 @@ def measure(slices: int, root: Path, roofline: float, extra_plan: list[str]) -> 
         "linear_s": linear,
         "linear_voxels_per_s": voxels / linear,
         "load_average": [round(load_before, 2), round(load_after, 2)],
+        "stages_s": {"process start and exit": wall - stages["total_s"], **stages["stages_s"]},
     }
 
 
-def table(rows: list[dict], roofline: float, device: str) -> str:
+def gzip_methods(threads: int) -> dict:
+    """Ways to gzip a .nii: the standard library's zlib (nibabel's writer, level 1, and gzip's
+    default 6), zlib-ng and python-isal (ISA-L) where installed, single and threaded."""
+    import gzip
+
+    methods = {
+        "zlib level 1 (nibabel's default; the fallback)": lambda p: gzip.GzipFile(p, "wb", 1, mtime=0),
+        "zlib level 6 (gzip's default)": lambda p: gzip.GzipFile(p, "wb", 6, mtime=0),
+    }
+    try:
+        from zlib_ng import gzip_ng, gzip_ng_threaded
+
+        methods["zlib-ng level 1"] = lambda p: gzip_ng.open(p, "wb", compresslevel=1)
+        methods[f"zlib-ng level 1, {threads} threads"] = lambda p: gzip_ng_threaded.open(
+            p, "wb", compresslevel=1, threads=threads
+        )
+    except ImportError:
+        pass
+    try:
+        from isal import igzip, igzip_threaded
+
+        for level in (0, 1, 2, 3):
+            methods[f"isal level {level}"] = lambda p, level=level: igzip.open(p, "wb", compresslevel=level)
+        methods[f"isal level 2, {threads} threads (NiftiWriter's)"] = lambda p: igzip_threaded.open(
+            p, "wb", compresslevel=2, threads=threads
+        )
+    except ImportError:
+        pass
+    return methods
+
+
+def gzip_table(nifti: Path, scratch: Path) -> str:
+    """Write time, size and read time (the standard library's gzip, as nibabel reads) of the
+    uncompressed bytes of ``nifti`` under each of ``gzip_methods``."""
+    import gzip
+
+    with gzip.open(nifti) as f:
+        payload = f.read()
+    image = nib.load(str(nifti))
     lines = [
-        f"Roofline probe ({device}): **{roofline:.0f} GFLOP/s** attainable for 32-channel 3x3 convolutions.",
+        f"Compressing the output of the first row ({' x '.join(map(str, image.shape))} "
+        f"{image.get_data_dtype()}, {len(payload) / 1e6:.0f} MB as .nii):",
         "",
-        "| volume (thick, x4) | output | preset, plane chunk, precision | wall (whole command) | peak RSS | "
-        "output voxels/s | GFLOP/s (fraction of roofline) | linear interpolation | load average |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| gzip | write | size | ratio | read (zlib) |",
+        "|---|---|---|---|---|",
+    ]
+    target = scratch / "gzip_probe.nii.gz"
+    for name, opener in gzip_methods(scripts.inferers.cpu_threads()).items():
+        start = time.perf_counter()
+        with opener(target) as f:
+            f.write(payload)
+        write = time.perf_counter() - start
+        size = target.stat().st_size
+        start = time.perf_counter()
+        with gzip.open(target) as f:
+            assert f.read() == payload, name
+        read = time.perf_counter() - start
+        lines.append(
+            f"| {name} | {write:.2f} s | {size / 1e6:.0f} MB | {len(payload) / size:.2f} | {read:.2f} s |"
+        )
+        print(lines[-1], flush=True)
+    target.unlink()
+    return "\n".join(lines)
+
+
+def table(rows: list[dict], rooflines: dict, device: str) -> str:
+    lines = [
+        f"Roofline probe ({device}): attainable GFLOP/s of 32-channel 3x3 convolutions "
+        + ", ".join(f"**{g:.0f}** in {p}" for p, g in rooflines.items())
+        + " (each row's fraction is of its plan's precision).",
+        "",
+        "| volume (thick, x4) | command | output | preset, plane chunk, precision | wall (whole command) | "
+        "peak RSS | output voxels/s | GFLOP/s (fraction of roofline) | linear interpolation | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         inference = r["plane_inference"]
         lines.append(
-            f"| {r['volume']} | {' x '.join(map(str, r['output_shape']))} | {r['preset']}, "
+            f"| {r['volume']} | {r['command']} | {' x '.join(map(str, r['output_shape']))} {r['output_dtype']}, "
+            f"{r['output_mb']:.0f} MB | {r['preset']}, "
             f"{inference['plane_chunk']}, {inference.get('amp') or 'fp32'} | {r['wall_s']:.1f} s | "
             f"{r['peak_rss_gib']:.2f} GB | {r['output_voxels_per_s'] / 1e6:.2f} M | {r['gflops']:.0f} "
             f"({r['roofline_fraction']:.0%}) | {r['linear_s']:.2f} s ({r['linear_voxels_per_s'] / 1e6:.0f} M/s) | "
             f"{r['load_average'][0]:.1f} / {r['load_average'][1]:.1f} |"
+        )
+    stages = list(rows[0]["stages_s"])
+    lines += [
+        "",
+        "Where the time goes (seconds, exclusive; `benchmarks/stages.py`):",
+        "",
+        "| volume | " + " | ".join(stages) + " |",
+        "|---|" + "---|" * len(stages),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['volume']} ({r['command']}) | "
+            + " | ".join(f"{r['stages_s'][s]:.2f}" for s in stages)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -190,30 +294,45 @@ def main() -> None:
     parser.add_argument(
         "--preset", default=None, help="plan with this preset (default: the planner's choice)"
     )
+    parser.add_argument(
+        "--zero_shot", action="store_true", help="predict without --work (the shipped prior), plan included"
+    )
+    parser.add_argument(
+        "--gzip", action="store_true", help="also time gzip implementations on the first volume's output"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = "bf16" if device.type == "cuda" else ""
-    roofline = roofline_gflops(device, amp)
+    precisions = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
+    rooflines = {p: roofline_gflops(device, "" if p == "fp32" else p) for p in precisions}
     name = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
         else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
     )
-    print(f"roofline: {roofline:.0f} GFLOP/s ({name})", flush=True)
+    print(f"rooflines: {rooflines} GFLOP/s ({name})", flush=True)
     rows = [
-        measure(s, args.work, roofline, ["--preset", args.preset] if args.preset else []) for s in args.slices
+        measure(s, args.work, rooflines, ["--preset", args.preset] if args.preset else [], args.zero_shot)
+        for s in args.slices
     ]
-    text = table(rows, roofline, name)
+    text = table(rows, rooflines, name)
     command = "python benchmarks/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text += f"\n\nCommand: `{command.strip()}` ({time.strftime('%Y-%m-%d')})."
     print(text)
     if args.json:
         args.json.write_text(
-            json.dumps({"device": name, "roofline_gflops": roofline, "rows": rows}, indent=1)
+            json.dumps({"device": name, "roofline_gflops": rooflines, "rows": rows}, indent=1)
         )
-    key = ("cuda" if device.type == "cuda" else "cpu") + (f"_{args.preset}" if args.preset else "")
+    key = (
+        ("cuda" if device.type == "cuda" else "cpu")
+        + (f"_{args.preset}" if args.preset else "")
+        + ("_zero_shot" if args.zero_shot else "")
+    )
     write_block(args.out, f"<!-- speed:{key}:begin -->", f"<!-- speed:{key}:end -->", text)
     print(f"wrote the table into {args.out}")
+    if args.gzip:
+        text = gzip_table(args.work / f"512x512x{args.slices[0]}" / "thin.nii.gz", args.work)
+        text += f"\n\nCommand: `{command.strip()}` ({time.strftime('%Y-%m-%d')})."
+        write_block(args.out, f"<!-- speed:{key}_gzip:begin -->", f"<!-- speed:{key}_gzip:end -->", text)
 
 
 if __name__ == "__main__":

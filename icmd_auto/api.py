@@ -20,8 +20,14 @@ from .dicom_writer import write_prediction_series
 from .errors import ICMDError
 from .export import export_bundle as export  # noqa: F401  (`icmd_auto export`)
 from .export import import_bundle  # noqa: F401  (`icmd_auto import`)
-from .fingerprint import dataset_fingerprint, write_fingerprint
-from .integrity import check_image, ct_range_warning, verify_dataset_integrity, verify_images
+from .fingerprint import CaseFingerprint, LoadedCase, dataset_fingerprint, sample_voxels, write_fingerprint
+from .integrity import (
+    IntegrityReport,
+    check_volume,
+    ct_range_warning,
+    verify_dataset_integrity,
+    verify_images,
+)
 from .planner import PlanOptions, plan_experiment
 from .preview import write_preview
 from .template import scripts
@@ -51,7 +57,14 @@ def plan(dataset: str | Path, work: str | Path, series: str | list[str] | None =
     memory_gb, epochs, seed, recipe (a key of planner.RECIPES), method (a dict of icmd#...
     overrides over the recipe).
     """
-    spec = read_dataset_json(dataset)
+    return _plan(read_dataset_json(dataset), work, scripts.dicom_series.series_uids(series), None, options)
+
+
+def _plan(
+    spec, work: str | Path, series: tuple[str, ...], report: IntegrityReport | None, options: dict
+) -> dict:
+    """``plan`` of a read dataset.json; ``report``: its images checked already (zero-shot
+    ``predict`` reads its one input once, for the plan and the prediction), else checked here."""
     opts = PlanOptions(**options)
     if opts.factor is None and spec.factor is not None:
         opts.factor = spec.factor
@@ -59,8 +72,8 @@ def plan(dataset: str | Path, work: str | Path, series: str | list[str] | None =
         opts.target_spacing_z = spec.target_spacing_z
     if opts.slice_profile is None and spec.slice_profile is not None:
         opts.slice_profile = spec.slice_profile
-    series = scripts.dicom_series.series_uids(series)
-    report = verify_dataset_integrity(spec, series=series)
+    if report is None:
+        report = verify_dataset_integrity(spec, series=series)
     _log_warnings(report.warnings)
     fingerprint = dataset_fingerprint(report.cases, report.samples, spec.name)
     fingerprint["dataset_json"] = str(spec.path)
@@ -164,6 +177,19 @@ class PredictionJob:
     # SeriesInstanceUIDs to take from a DICOM folder holding several series (strict: it must hold one)
     series: tuple[str, ...] = ()
     strict: bool = False
+    # the input as read by its check, handed to the bundle (no second decode); dropped after the case
+    volume: object = None
+
+
+@dataclass
+class CheckedInput:
+    """One input read and checked (with the series it was asked for): its fingerprint and the case
+    as read. Zero-shot ``predict`` plans from it and predicts from it, reading the input once."""
+
+    input: Path
+    series: tuple[str, ...]
+    fingerprint: CaseFingerprint
+    case: LoadedCase
 
 
 def _is_nifti_name(path: Path) -> bool:
@@ -277,16 +303,25 @@ def _commit(result: Path, output: Path, scratch: Path) -> None:
     os.replace(result, output)
 
 
-def _check_prediction_input(job: PredictionJob) -> np.ndarray:
-    """Check one case's input (refusing it in one line); returns its affine (MONAI's convention)."""
-    case, array, affine = check_image(job.input, series=job.series, strict=job.strict)
-    if case.series and case.series not in job.series:  # found, not named: the bundle is told it
-        job.series += (case.series,)
-    del array  # the bundle reads the input itself; no second copy is held during inference
-    warning = ct_range_warning(case)
-    if warning:
-        logger.warning(f"warning: {warning}")
-    return affine
+def _check_prediction_input(job: PredictionJob, checked: list[CheckedInput] | None = None) -> CheckedInput:
+    """Check one case's input (refusing it in one line); ``job.volume`` keeps the volume read for
+    the bundle. ``checked``: inputs read and checked already (zero-shot); the one that is this
+    job's is taken from the list instead of read again."""
+    done = [c for c in checked or () if (c.input, c.series) == (job.input, job.series)]
+    if done:
+        result = done[0]
+        checked.remove(result)  # the volume is held by the job only, and goes with it
+    else:
+        fingerprint, case = check_volume(job.input, series=job.series, strict=job.strict)
+        result = CheckedInput(job.input, job.series, fingerprint, case)
+        warning = ct_range_warning(fingerprint)
+        if warning:
+            logger.warning(f"warning: {warning}")
+    found = result.fingerprint.series
+    if found and found not in job.series:  # found, not named: the bundle is told it
+        job.series += (found,)
+    job.volume = result.case.image
+    return result
 
 
 def _predict_one(
@@ -299,7 +334,9 @@ def _predict_one(
 ) -> None:
     """Synthesise and write one checked case; everything goes through ``scratch`` (beside the output)."""
     try:
-        session.run([str(job.input)])
+        volume, job.volume = job.volume, None
+        session.run([str(job.input)], volumes=None if volume is None else [volume])
+        del volume
     except runner.WorkflowError as e:
         raise ICMDError(
             f"{job.input}: prediction failed: {e} (run again with --debug for the traceback)"
@@ -318,19 +355,30 @@ def _predict_one(
 
 
 def zero_shot_work(
-    input: str | Path, work: Path, factor: int | None = None, series=None, quiet: bool = False
+    input: str | Path,
+    work: Path,
+    factor: int | None = None,
+    series=None,
+    quiet: bool = False,
+    checked: CheckedInput | None = None,
 ) -> Path:
     """A work folder whose bundle holds the shipped prior for ``input``'s factor, untrained further.
 
     The planner runs as for a warm start (``init`` prior) on the input itself (for its factor,
     shape and plane chunk), with one epoch planned and none run; the prior becomes the model.
+    ``checked``: ``input`` (one volume) read and checked already; its fingerprint is planned from.
     """
     input = Path(input).expanduser().absolute()
     if not input.exists():
         raise ICMDError(f"{input}: file not found")
     cases = _batch_cases(input) or [input]
     dataset = write_dataset_json(work / "dataset.json", [str(c) for c in cases], name="zero-shot")
-    plans = plan(dataset, work, series=series, factor=factor, epochs=1, init="prior")
+    options = {"factor": factor, "epochs": 1, "init": "prior"}
+    if checked is not None and cases == [checked.input]:  # as verify_images samples its first case
+        report = IntegrityReport([checked.fingerprint], [sample_voxels(checked.case.array, seed=0)])
+        plans = _plan(read_dataset_json(dataset), work, checked.series, report, options)
+    else:
+        plans = plan(dataset, work, series=series, **options)
     if plans["init"]["value"]["mode"] != "prior":  # plan refuses first; this is the contract
         raise ICMDError(plans["init"]["reason"])
     models = work / "bundle" / "models"
@@ -378,12 +426,43 @@ def predict(
     Without ``work`` (zero-shot) the shipped CT prior for the input's factor does it, with no plan
     and no training: ``factor`` or the input's spacing (median z / in-plane, rounded) picks it.
     """
+    args = (input, output, overwrite, resume, quiet, output_format, preview, series)
     if work is None:
+        checked = _zero_shot_input(Path(input).expanduser().absolute(), series, overrides)
+        pending = [checked] if checked else []
         with tempfile.TemporaryDirectory(prefix="icmd_zero_shot_") as scratch_work:
-            work = zero_shot_work(input, Path(scratch_work), factor=factor, series=series, quiet=quiet)
-            return predict(
-                work, input, output, overwrite, resume, quiet, output_format, preview, series, **overrides
+            work = zero_shot_work(
+                input, Path(scratch_work), factor=factor, series=series, quiet=quiet, checked=checked
             )
+            del checked  # the job takes the volume out of ``pending``: it goes with the case
+            return _predict(work, *args, checked=pending, **overrides)
+    return _predict(work, *args, factor=factor, **overrides)
+
+
+def _zero_shot_input(input: Path, series, overrides: dict) -> CheckedInput | None:
+    """One volume for zero-shot ``predict``, read and checked once for the plan and the prediction
+    (as ``_predict`` checks it); None for a batch or a missing input (refused where it was)."""
+    if not input.exists() or _batch_cases(input) is not None:
+        return None
+    named = _named_series(input, None, series, overrides)
+    return _check_prediction_input(PredictionJob(input, input, series=named, strict=bool(named)))
+
+
+def _predict(
+    work: str | Path,
+    input: str | Path,
+    output: str | Path,
+    overwrite: bool = False,
+    resume: bool = False,
+    quiet: bool = False,
+    output_format: str = "nifti",
+    preview: str | bool | None = None,
+    series: str | list[str] | None = None,
+    factor: int | None = None,
+    checked: list[CheckedInput] | None = None,
+    **overrides,
+) -> Path | dict:
+    """``predict`` with a work folder; ``checked``: inputs read and checked already (zero-shot)."""
     if factor is not None and int(factor) != _bundle_factor(runner.bundle_dir(work)):
         raise ICMDError(
             f"--factor {factor}: the bundle in {work} synthesises x{_bundle_factor(runner.bundle_dir(work))}; "
@@ -430,7 +509,7 @@ def predict(
             if cases is not None:
                 logger.info(f"[{i}/{len(todo)}] {job.input} -> {job.output}")
             try:
-                affine = _check_prediction_input(job)
+                affine = _check_prediction_input(job, checked).case.affine
                 if session is None:
                     job.output.parent.mkdir(parents=True, exist_ok=True)
                     scratch = Path(tempfile.mkdtemp(prefix=".icmd_predict_", dir=job.output.parent))
@@ -440,7 +519,10 @@ def predict(
                         quiet=quiet,
                         output_dir=str(scratch),
                         output_postfix="icmd",
-                        output_ext=".nii" if str(output).endswith(".nii") else ".nii.gz",
+                        # a DICOM output's NIfTI is read back once: not worth compressing
+                        output_ext=".nii"
+                        if output_format == "dicom" or job.output.suffix == ".nii"
+                        else ".nii.gz",
                         **{**overrides, **_series_override(bundle, ["inference.json"], job.series)},
                     )
                 _predict_one(session, job, affine, scratch, factor, output_format)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -49,13 +50,15 @@ class CaseFingerprint:
 
 @dataclass
 class LoadedCase:
-    """One image as read: the array (no channel axis), its affine, the dtype outputs are written in,
-    and for a DICOM folder the series taken from it."""
+    """One image as read: the array (no channel axis), its affine, its stored dtype, for a DICOM
+    folder the series taken from it, and the volume as MONAI read it (a MetaTensor sharing the
+    array's memory, with its meta: what the bundle's loader takes instead of reading again)."""
 
     array: np.ndarray
     affine: np.ndarray
     dtype: str
     series: scripts.dicom_series.SeriesChoice | None = None
+    image: Any = None
 
 
 def load_case(path: str | Path, series: Sequence[str] = (), strict: bool = False) -> LoadedCase:
@@ -95,7 +98,7 @@ def load_case(path: str | Path, series: Sequence[str] = (), strict: bool = False
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CaseReadError(f"{path}: cannot be read as a {kind} ({reason[:200]})") from None
     dtype = str(scripts.io.stored_dtype(path)) if scripts.io.is_nifti(path) else "int16"
-    return LoadedCase(array, np.asarray(img.affine, dtype=np.float64), dtype, choice)
+    return LoadedCase(array, np.asarray(img.affine, dtype=np.float64), dtype, choice, img)
 
 
 def load_case_array(

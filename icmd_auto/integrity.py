@@ -21,7 +21,14 @@ import numpy as np
 
 from .dataset import DatasetSpec
 from .errors import DatasetIntegrityError
-from .fingerprint import CaseFingerprint, CaseReadError, case_fingerprint, load_case, sample_voxels
+from .fingerprint import (
+    CaseFingerprint,
+    CaseReadError,
+    LoadedCase,
+    case_fingerprint,
+    load_case,
+    sample_voxels,
+)
 from .template import scripts
 
 logger = logging.getLogger("icmd_auto")
@@ -80,6 +87,28 @@ def ct_range_warning(case: CaseFingerprint) -> str | None:
     return None
 
 
+def check_volume(
+    path: str | Path,
+    min_slices: int = MIN_SLICES,
+    purpose: str = "slice synthesis",
+    series: Sequence[str] = (),
+    strict: bool = False,
+) -> tuple[CaseFingerprint, LoadedCase]:
+    """Open one image and check it; returns its fingerprint and the case as read (``check_image``)."""
+    case = load_case(path, series, strict)
+    problems = check_case(str(path), case.array, min_slices, purpose)
+    if problems:
+        raise CaseReadError(problems[0])
+    if case.array.ndim == 4:
+        case.array = case.array[..., 0]
+    fingerprint = case_fingerprint(path, case.array, case.affine, case.dtype)
+    if case.series is not None and (case.series.notable or case.series.named):
+        fingerprint.series = case.series.series.uid or None
+        if case.series.notable:
+            logger.info(case.series.describe())
+    return fingerprint, case
+
+
 def check_image(
     path: str | Path,
     min_slices: int = MIN_SLICES,
@@ -96,17 +125,8 @@ def check_image(
     Raises:
         CaseReadError: one line naming the file and the problem.
     """
-    case = load_case(path, series, strict)
-    problems = check_case(str(path), case.array, min_slices, purpose)
-    if problems:
-        raise CaseReadError(problems[0])
-    array = case.array[..., 0] if case.array.ndim == 4 else case.array
-    fingerprint = case_fingerprint(path, array, case.affine, case.dtype)
-    if case.series is not None and (case.series.notable or case.series.named):
-        fingerprint.series = case.series.series.uid or None
-        if case.series.notable:
-            logger.info(case.series.describe())
-    return fingerprint, array, case.affine
+    fingerprint, case = check_volume(path, min_slices, purpose, series, strict)
+    return fingerprint, case.array, case.affine
 
 
 def verify_images(

@@ -261,13 +261,26 @@ class InferenceSession:
             workflow.initialize()
         self.workflow = workflow
 
-    def run(self, datalist: list[str]) -> None:
-        """Run the workflow on ``datalist`` (the images, in order)."""
+    def run(self, datalist: list[str], volumes: list | None = None) -> None:
+        """Run the workflow on ``datalist`` (the images, in order).
+
+        ``volumes``: the same images already read (MetaTensors (X, Y, Z) as MONAI's LoadImage
+        returns them with the configs' readers), handed to the configs' loader where it takes them
+        (``scripts.io.LoadVolumed``) so that no input is decoded twice; a bundle whose loader only
+        reads paths (one made before it) reads the paths.
+        """
         try:
             if self.workflow is None:
                 self._start(datalist)
-            else:
-                self.workflow.parser.get_parsed_content("dataset").data = [{"image": p} for p in datalist]
+            parser = self.workflow.parser
+            items = datalist
+            if volumes is not None:
+                loader = (getattr(parser.get_parsed_content("preprocessing"), "transforms", None) or [None])[
+                    0
+                ]
+                items = volumes if getattr(loader, "takes_volumes", False) else datalist
+            dataset = parser.get_parsed_content("dataset")
+            dataset.data = [{"image": item} for item in items]
             reported = _ReportedByCaller()
             handlers = _all_handlers()
             for handler in handlers:
@@ -278,8 +291,9 @@ class InferenceSession:
             finally:
                 for handler in handlers:
                     handler.removeFilter(reported)
+                dataset.data = []  # the volumes go with their case
             # let the last case's tensors go before the next case is loaded
-            evaluator = self.workflow.parser.get_parsed_content("evaluator")
+            evaluator = parser.get_parsed_content("evaluator")
             evaluator.state.batch = evaluator.state.output = None
         except Exception as e:
             self.close()

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from .degradation import covered, degrade_last
-from .io import cast_to_dtype, stored_dtype, upsampled_affine
+from .io import cast_to_dtype, output_dtype, upsampled_affine
 
 
 def _affine(img) -> torch.Tensor:
@@ -54,14 +54,18 @@ class FinalizeSynthesisd(MapTransform):
 
     ``keys``: the prediction (1, X, Y, r*Z) in standardised units. Steps: crop to the covered
     (Z-1)*r+1 slices, map back to HU (inverse of the standardisation; clamped to the intensity
-    window only with ``clip_image``, when the network saw a clipped image),
-    copy every known slice bit-for-bit from ``source_key`` (the input in HU, before
-    standardisation), cast to the input's stored dtype, and set the output affine (slice axis
-    column / r; same orientation and origin).
+    window only with ``clip_image``, when the network saw a clipped image), cast to the output
+    dtype (integers rounded), copy every known slice bit-for-bit from ``source_key`` (the input
+    in HU, before standardisation), and set the output affine (slice axis column / r; same
+    orientation and origin).
 
     Args:
-        dtype: "auto" (the input file's dtype; int16 for DICOM), or a numpy dtype name.
+        dtype: "auto" (``io.output_dtype``: int16 when the input holds integer HU, as CT does;
+            float32 otherwise), or a numpy dtype name ("float32" keeps the network's values).
         clip_image: clamp the output to [clip_low, clip_high] (``intensity#clip_image``).
+        nifti_order: an integer output is laid out as NIfTI stores voxels (``io.nifti_layout``),
+            so that NiftiWriter writes it in one pass; a float32 output keeps the inferer's
+            memory (no copy).
     """
 
     def __init__(
@@ -75,17 +79,22 @@ class FinalizeSynthesisd(MapTransform):
         std: float,
         dtype: str = "auto",
         clip_image: bool = False,
+        nifti_order: bool = False,
     ):
         super().__init__(keys)
         self.source_key, self.factor = source_key, factor
         self.clip_low, self.clip_high, self.mean, self.std = clip_low, clip_high, mean, std
-        self.dtype, self.clip_image = dtype, clip_image
+        self.dtype, self.clip_image, self.nifti_order = dtype, clip_image, nifti_order
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         source = d[self.source_key]
         z = source.shape[-1]
         length = (z - 1) * self.factor + 1
+        known = (
+            (source.as_tensor() if isinstance(source, MetaTensor) else torch.as_tensor(source)).detach().cpu()
+        )
+        dtype = output_dtype(known) if self.dtype == "auto" else np.dtype(self.dtype)
         for key in self.key_iterator(d):
             pred = d[key]
             pred = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
@@ -97,14 +106,10 @@ class FinalizeSynthesisd(MapTransform):
             hu = pred.mul_(self.std).add_(self.mean)
             if self.clip_image:  # the network only ever saw the window: keep its output inside it
                 hu = hu.clamp_(self.clip_low, self.clip_high)
-            if self.dtype == "auto":
-                filename = source.meta.get("filename_or_obj", "") if isinstance(source, MetaTensor) else ""
-                dtype = stored_dtype(filename) if filename else np.dtype(np.float32)
-            else:
-                dtype = np.dtype(self.dtype)
-            out = cast_to_dtype(hu, dtype, inplace=True)
+            # an integer output is a new tensor anyway: laid out for the writer in the same pass
+            out = cast_to_dtype(hu, dtype, inplace=True, nifti_order=self.nifti_order and dtype.kind in "iu")
             del hu, pred
-            out[..., :: self.factor] = cast_to_dtype(torch.as_tensor(source).detach().cpu(), dtype)
+            out[..., :: self.factor] = known if known.dtype == out.dtype else cast_to_dtype(known, dtype)
             meta = dict(source.meta) if isinstance(source, MetaTensor) else {}
             affine = upsampled_affine(_affine(source), self.factor)
             meta.pop("affine", None)  # given below; MetaTensor warns when both carry one
