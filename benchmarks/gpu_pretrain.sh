@@ -17,9 +17,9 @@
 #   loo       RUNS/loo_<V>_x{2,4}: trained without volume V, for benchmarks/loo.py (one process per V)
 #   zpairs    RUNS/loo_zpairs_<V>_x4: the same at x4 with the z-axis pairs (--zpairs)
 #   capacity  RUNS/capacity_{medium,paper}_x4: bigger presets, the chest left out
-#   throughput  RUNS/throughput_p{32,256,1024}_x4: fresh one-minute runs at x4 with 32, 256 and 1024
-#             planes per step, for the throughput table of docs/PERFORMANCE.md (3 minutes on top of
-#             LEASE_MIN)
+#   throughput  RUNS/throughput_p{32,256,1024}_x4: fresh 45-second runs at x4 with 32, 256 and 1024
+#             planes per step, and RUNS/throughput_p256_compile_x4 (90 s, --compile), for the
+#             throughput table of docs/PERFORMANCE.md (about 4 minutes on top of LEASE_MIN)
 # DATA: the folder of the shared CT volumes (../shared/data/ct copied into an ignored folder of
 # the repository, e.g. .gpu_data/ct). Extra arguments for every run: PRETRAIN_ARGS, e.g.
 # PRETRAIN_ARGS="--data_dir .gpu_data/more". Each lease's console output: RUNS/logs/<run>.log.
@@ -78,8 +78,9 @@ for group in "${GROUPS_[@]}"; do
         capacity) runs+=("capacity_medium|4|--leave_out chest_1.5mm --preset medium"
                          "capacity_paper|4|--leave_out chest_1.5mm --preset paper") ;;
         throughput) for p in 32 256 1024; do
-                runs+=("throughput_p$p|4|--planes $p --minutes 1 --total_minutes 1 --validate_every_s 1000 fresh")
-            done ;;
+                runs+=("throughput_p$p|4|--planes $p --minutes 0.75 --total_minutes 0.75 --validate_every_s 1000 fresh")
+            done
+            runs+=("throughput_p256_compile|4|--planes 256 --compile --minutes 1.5 --total_minutes 1.5 --validate_every_s 1000 fresh") ;;
         *) echo "unknown group $group" >&2; exit 2 ;;
     esac
 done
