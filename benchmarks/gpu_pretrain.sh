@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_pretrain.sh lease RUNS DATA WHEELS LEASE_MIN TOTAL_MIN [GROUP ...]
 #       on the GPU machine, in the repository root: install WHEELS, then train each GROUP's runs
 #       one after another, LEASE_MIN minutes in all (split evenly over the runs' factors), each on
-#       a cosine schedule of TOTAL_MIN minutes per factor summed over leases
+#       a cosine schedule of TOTAL_MIN minutes per factor summed over leases; tests/test_pretrain.py
+#       runs first (on CUDA it also checks that a step never waits for the GPU)
 #
 # GROUP (default: shipped):
 #   shipped   RUNS/full_x{2..6}: the shipped priors, all volumes (one process, the factors in turn)
@@ -66,6 +67,9 @@ if ! python3 -c "import icmd_auto.template" 2>/dev/null; then
     # a copy of the tree, not installed: the package layout pyproject.toml maps, as a link
     ln -sfn ../bundle icmd_auto/bundle_template
 fi
+# the crops' equivalence, resume, and on CUDA that a step never waits for the GPU (a few seconds)
+python3 -m pytest -q -p no:cacheprovider tests/test_pretrain.py 2>&1 | tail -3
+[ "${PIPESTATUS[0]}" -eq 0 ] || echo "tests/test_pretrain.py failed on this machine (training goes on)"
 VOLUMES=(chest_1.5mm abdomen_3mm dicom_2mm)
 
 # the runs of the groups: "name|factors|pretrain.py arguments", one process each

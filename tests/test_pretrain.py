@@ -193,3 +193,37 @@ def test_a_slice_too_small_for_the_patch_is_named(tmp_path):
     bank = pretrain.PlaneBank(volumes, UNIT, torch.device("cpu"), zpairs=False)
     with pytest.raises(SystemExit, match="v1: axial slices of 20 x 18 pixels"):
         bank.check_fits(24, 1.25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a step's host synchronisations")
+def test_a_step_does_not_wait_for_the_gpu():
+    # after a first step (which moves the wavelet filters and tunes cuDNN), drawing a batch and a
+    # whole training step queue GPU work only: torch raises on any synchronising call
+    device = torch.device("cuda")
+    volumes = made_volumes((64, 60, 12), (48, 50, 9))
+    bank = pretrain.PlaneBank(volumes, UNIT, device, zpairs=False)
+    net = build_network(2, PRESETS["tiny"], pretrain.METHOD).to(device)
+    iteration = pretrain.build_iteration(2, 0, dict(pretrain.METHOD))
+    iteration.inplane_scale = 1.0
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3, fused=True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    running = torch.zeros((), device=device)
+
+    def step():
+        planes = bank.draw(bank.axial, 16, 32, (math.log(0.5), math.log(1.25)), generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = pretrain.pair_losses(net, iteration, planes, None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.add_(loss.detach())
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(float(running))
