@@ -126,6 +126,18 @@ def run_case(
     return rows
 
 
+def priors_summary(priors: Path) -> str:
+    """What trained the priors, from their cards: device, iterations, data."""
+    parts = []
+    for card_path in sorted(priors.glob("loo_*/prior_x*.json")):
+        card = json.loads(card_path.read_text())
+        parts.append(
+            f"{card_path.parent.name}: {card['iterations']} iterations on {card['device']}, "
+            f"{len(card['data'])} volumes"
+        )
+    return "; ".join(parts) or str(priors)
+
+
 def table(results: dict) -> str:
     lines = [
         "| volume | r | row | PSNR syn | gain over linear | SSIM_a | SSIM_c | SSIM_s |",
@@ -182,7 +194,7 @@ def main() -> None:
     command = "python benchmarks/loo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = (
         f"{table(results)}\n\nCommand: `{command.strip()}` ({time.strftime('%Y-%m-%d')}); priors: "
-        "benchmarks/gpu_pretrain.sh (each trained without the volume it is tested on)."
+        f"{priors_summary(args.priors)} (each trained without the volume it is tested on)."
     )
     print(text)
     args.record.write_text(json.dumps({"command": command, "results": results}, indent=1) + "\n")
