@@ -45,8 +45,8 @@ from quality import VOLUMES, load_ground_truth, make_thick  # noqa: E402
 
 from icmd_auto import api  # noqa: E402
 from icmd_auto.dataset import write_dataset_json  # noqa: E402
-from icmd_auto.timing import machine_description  # noqa: E402
 from icmd_auto.template import scripts  # noqa: E402
+from icmd_auto.timing import machine_description  # noqa: E402
 
 evaluation = scripts.evaluation
 

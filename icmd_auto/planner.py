@@ -761,7 +761,10 @@ def decide_inference_precision(cuda: bool) -> tuple[str, str]:
     )
 
 
-WARM_START_LR_SHARE = 1 / 3  # a fine-tune starts from trained weights: a third of the preset's rate
+# a fine-tune's learning rate as a share of the preset's: measured (docs/RESULTS_prior_cpu.md, chest
+# x4 leave-one-out, 3 CPU minutes): x1 gained +1.36 dB over linear, x0.33 +1.30 dB; x1 also keeps
+# a weak prior's fine-tune closest to training from scratch
+WARM_START_LR_SHARE = 1.0
 
 
 # Training starts from scratch unless --init prior: warm start from the shipped prior was measured
@@ -815,7 +818,7 @@ def decide_init(factor: int, recipe: str, method: dict, options: PlanOptions) ->
         raise PlanningError(f"--init prior: {misfit}")
     return prior, (
         f"warm start from the shipped prior {prior.describe()}; given (--init prior). Training fine-tunes it at "
-        f"{WARM_START_LR_SHARE:.2g} x the preset's learning rate, with the prior's intensity standardisation "
+        f"{WARM_START_LR_SHARE:.2g} x the preset's learning rate (measured: docs/RESULTS_prior_cpu.md), with the prior's intensity standardisation "
         "(its weights expect it); `icmd_auto predict` without --work uses it untrained (zero-shot)"
     )
 

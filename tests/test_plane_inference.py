@@ -89,6 +89,10 @@ def test_shipped_priors_cover_every_factor():
         assert prior.weights.stat().st_size < 2_000_000, "a few MB at most in all"
         best = card["validation"]["best"]
         assert best["psnr"] > best["linear"], "the prior beats linear interpolation on its held-out slices"
+        for name, entry in card["data"].items():  # data beyond ../shared names its source and licence
+            if "licence" in entry or "attribution" in entry:
+                assert entry["licence"] and entry["attribution"] and entry["repository"], name
+        assert "LIDC-IDRI-0314" not in json.dumps(card), "kept for outside evaluation"
 
 
 def test_zero_shot_predict_needs_no_work_folder(phantom, tmp_path):
