@@ -373,7 +373,7 @@ def zero_shot_work(
         raise ICMDError(f"{input}: file not found")
     cases = _batch_cases(input) or [input]
     dataset = write_dataset_json(work / "dataset.json", [str(c) for c in cases], name="zero-shot")
-    options = {"factor": factor, "epochs": 1, "init": "prior"}
+    options = {"factor": factor, "epochs": 1, "init": "prior", "trains": False}
     if checked is not None and cases == [checked.input]:  # as verify_images samples its first case
         report = IntegrityReport([checked.fingerprint], [sample_voxels(checked.case.array, seed=0)])
         plans = _plan(read_dataset_json(dataset), work, checked.series, report, options)

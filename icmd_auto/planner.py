@@ -146,6 +146,7 @@ class PlanOptions:
     method: dict = field(default_factory=dict)  # icmd#... overrides written into train.json, over the recipe
     init: str | None = None  # "prior" | "scratch"; None: scratch (DEFAULT_INIT_EVIDENCE)
     threads: int | None = None  # torch CPU threads for training; None: the timing probe's fastest count
+    trains: bool = True  # False: the bundle only predicts (zero-shot), so training-only probes are skipped
 
 
 # Method recipes: icmd#... values over the bundle's defaults (which are the paper's). The default
@@ -951,13 +952,29 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
         method["slice_profile"],
         method["inplane_scale"],
     )
-    plan["validation"] = decision(
-        *decide_validation(
-            net, iteration, validation, patch, batch, num_levels, shapes, holdout, holdout_reason, schedule
-        )
-    )
     cuda = torch.cuda.is_available()
-    plan["amp"] = decision(*decide_amp(net, iteration, patch, num_levels, cuda))
+    if options.trains:
+        plan["validation"] = decision(
+            *decide_validation(
+                net,
+                iteration,
+                validation,
+                patch,
+                batch,
+                num_levels,
+                shapes,
+                holdout,
+                holdout_reason,
+                schedule,
+            )
+        )
+        plan["amp"] = decision(*decide_amp(net, iteration, patch, num_levels, cuda))
+    else:  # zero-shot: the bundle predicts with the prior and is never trained; no training probes
+        plan["validation"] = decision(
+            {"holdout_slices": holdout, "interval": 1},
+            f"{holdout_reason}; the interval is not sized: the plan is for inference only (zero-shot)",
+        )
+        plan["amp"] = decision(cuda, "the bundle's default: the plan is for inference only (zero-shot)")
     plan["amp_dtype"] = decision(*decide_amp_dtype(cuda, cuda and torch.cuda.is_bf16_supported()))
     inference, inference_reason = decide_plane_inference(
         preset.planar,

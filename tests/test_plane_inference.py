@@ -139,3 +139,19 @@ def test_plan_says_which_init_and_why(phantom, tmp_path):
         json.loads((tmp_path / "icmd" / "bundle" / "configs" / "train.json").read_text())["init_weights"]
         is None
     )
+
+
+def test_a_zero_shot_plan_skips_the_training_probes(phantom, tmp_path, monkeypatch):
+    """zero-shot predicts with the prior and never trains: no validation FLOPs, no training-precision probe."""
+    from icmd_auto import planner
+
+    def never(*args, **kwargs):
+        raise AssertionError("a training-only probe ran for a zero-shot plan")
+
+    monkeypatch.setattr(planner, "decide_validation", never)
+    monkeypatch.setattr(planner, "decide_amp", never)
+    (tmp_path / "zero_shot").mkdir()
+    work = api.zero_shot_work(phantom, tmp_path / "zero_shot", factor=3, quiet=True)
+    plans = json.loads((work / "plans.json").read_text())
+    assert "inference only (zero-shot)" in plans["validation"]["reason"]
+    assert plans["init"]["value"]["mode"] == "prior" and (work / "bundle" / "models" / "model.pt").is_file()
