@@ -97,51 +97,54 @@ class Source:
         )
 
 
+def lidc_source(
+    patient: int, study: str, series: str, anatomy: str, sha256: str, shape: tuple, spacing_mm: tuple
+) -> Source:
+    """One of concept-to-clinic's 'small' LIDC-IDRI series (``study``/``series``: UID suffixes)."""
+    return Source(
+        name=f"lidc_idri_{patient:04d}_chest_{spacing_mm[2]:g}mm",
+        repo=CONCEPT_TO_CLINIC[0],
+        commit=CONCEPT_TO_CLINIC[1],
+        path=f"{LIDC_SMALL}/LIDC-IDRI-{patient:04d}/{UID}{study}/{UID}{series}",
+        anatomy=anatomy,
+        collection=f"LIDC-IDRI (TCIA), patient LIDC-IDRI-{patient:04d}",
+        licence="CC BY 3.0",
+        licence_url=CC_BY_3,
+        attribution=LIDC_ATTRIBUTION,
+        via=LIDC_VIA,
+        sha256=sha256,
+        shape=shape,
+        spacing_mm=spacing_mm,
+    )
+
+
 SOURCES = (
-    Source(
-        name="lidc_idri_0001_chest_2.5mm",
-        repo=CONCEPT_TO_CLINIC[0],
-        commit=CONCEPT_TO_CLINIC[1],
-        path=f"{LIDC_SMALL}/LIDC-IDRI-0001/{UID}298806137288633453246975630178/{UID}179049373636438705059720603192",
-        anatomy="chest (lung), GE LightSpeed, 2.5 mm",
-        collection="LIDC-IDRI (TCIA), patient LIDC-IDRI-0001",
-        licence="CC BY 3.0",
-        licence_url=CC_BY_3,
-        attribution=LIDC_ATTRIBUTION,
-        via=LIDC_VIA,
-        sha256="b23ab7bb96f8c0f9b8326faca1e0b9f89962a2c12f31c4b813194eaa93b7d97d",
-        shape=(512, 512, 16),
-        spacing_mm=(0.7031, 0.7031, 2.5),
+    lidc_source(
+        1,
+        "298806137288633453246975630178",
+        "179049373636438705059720603192",
+        "chest (lung), GE LightSpeed, 2.5 mm",
+        "b23ab7bb96f8c0f9b8326faca1e0b9f89962a2c12f31c4b813194eaa93b7d97d",
+        (512, 512, 16),
+        (0.7031, 0.7031, 2.5),
     ),
-    Source(
-        name="lidc_idri_0002_chest_1.25mm",
-        repo=CONCEPT_TO_CLINIC[0],
-        commit=CONCEPT_TO_CLINIC[1],
-        path=f"{LIDC_SMALL}/LIDC-IDRI-0002/{UID}490157381160200744295382098329/{UID}619372068417051974713149104919",
-        anatomy="chest (lung), GE, 1.25 mm",
-        collection="LIDC-IDRI (TCIA), patient LIDC-IDRI-0002",
-        licence="CC BY 3.0",
-        licence_url=CC_BY_3,
-        attribution=LIDC_ATTRIBUTION,
-        via=LIDC_VIA,
-        sha256="9bac99360e3af9ec53f24066d598d21a9a1d03f1ba3f89d9b70e50ee9075b0c5",
-        shape=(512, 512, 12),
-        spacing_mm=(0.6816, 0.6816, 1.25),
+    lidc_source(
+        2,
+        "490157381160200744295382098329",
+        "619372068417051974713149104919",
+        "chest (lung), GE, 1.25 mm",
+        "9bac99360e3af9ec53f24066d598d21a9a1d03f1ba3f89d9b70e50ee9075b0c5",
+        (512, 512, 12),
+        (0.6816, 0.6816, 1.25),
     ),
-    Source(
-        name="lidc_idri_0003_chest_2.5mm",
-        repo=CONCEPT_TO_CLINIC[0],
-        commit=CONCEPT_TO_CLINIC[1],
-        path=f"{LIDC_SMALL}/LIDC-IDRI-0003/{UID}101370605276577556143013894866/{UID}170706757615202213033480003264",
-        anatomy="chest (lung), 2.5 mm",
-        collection="LIDC-IDRI (TCIA), patient LIDC-IDRI-0003",
-        licence="CC BY 3.0",
-        licence_url=CC_BY_3,
-        attribution=LIDC_ATTRIBUTION,
-        via=LIDC_VIA,
-        sha256="07984132aa8f79a5ecdeeb268870e319932a5e36e3a2af3ab73d4946973ba210",
-        shape=(512, 512, 11),
-        spacing_mm=(0.8203, 0.8203, 2.5),
+    lidc_source(
+        3,
+        "101370605276577556143013894866",
+        "170706757615202213033480003264",
+        "chest (lung), 2.5 mm",
+        "07984132aa8f79a5ecdeeb268870e319932a5e36e3a2af3ab73d4946973ba210",
+        (512, 512, 11),
+        (0.8203, 0.8203, 2.5),
     ),
     Source(
         name="pancreas_ct_0001_abdomen_1mm",
