@@ -29,7 +29,6 @@ Decisions, in order:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from .template import scripts
 from .timing import (
     TIMED_STEPS,
     WARMUP_STEPS,
+    autocast,
     conv_probe_seconds,
     machine_description,
     probe_training_step,
@@ -643,7 +643,7 @@ def decide_amp(net, iteration, patch: list[int], stage: int, cuda: bool) -> tupl
     for amp in (False, True):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)  # the same planes drawn both times
-            with torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            with autocast(torch.device("cpu"), amp):
                 terms = net(volume, objective=lambda n, v: iteration.losses(n, v, stage, iteration.gamma))
             losses.append(float(terms["total"]))
     difference = abs(losses[1] - losses[0]) / max(abs(losses[0]), 1e-12)

@@ -45,7 +45,9 @@ class Prior:
     def describe(self) -> str:
         best = self.card["validation"]["best"]
         names = list(self.card["data"])
-        data = ", ".join(names) if len(names) <= 4 else f"{len(names)} CT volumes ({', '.join(names[:3])}, ...)"
+        data = (
+            ", ".join(names) if len(names) <= 4 else f"{len(names)} CT volumes ({', '.join(names[:3])}, ...)"
+        )
         return (
             f"{self.weights.name}: preset {self.preset!r}, {self.card['iterations']} iterations on "
             f"{data} ({self.card['device']}); held-out in-plane validation "

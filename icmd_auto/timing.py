@@ -67,7 +67,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
+    """The trainer's autocast: bf16 on a CPU and on GPUs that have it, fp16 on older GPUs; off without amp."""
     if not amp:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
@@ -108,7 +109,7 @@ def training_step_timings(
     for step in range(warmup + repeats):
         _synchronize(device)
         start = time.perf_counter()
-        with _autocast(device, amp):
+        with autocast(device, amp):
             terms = net(volume, objective=lambda n, v: iteration.losses(n, v, stage, iteration.gamma))
         terms["total"].backward()
         optimizer.step()
