@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prior pretraining across GPU leases: one process on the GPU at a time, each run continuing its
-# checkpoint (benchmarks/pretrain.py --resume), so that each lease (15 minutes of device time, one
+# checkpoint (icmd_auto pretrain --resume), so that each lease (15 minutes of device time, one
 # command of at most 10) continues the last until the runs' schedules are done.
 #
 #   bash benchmarks/gpu_pretrain.sh wheels WHEELS
@@ -16,11 +16,11 @@
 # GROUP (default: shipped):
 #   shipped   RUNS/full_x{2..6}: the shipped priors, all volumes (one process, the factors in turn)
 #   loo       RUNS/loo_<V>_x{2,4}: trained without volume V, for benchmarks/loo.py (one process per V)
-#   zpairs    RUNS/loo_zpairs_<V>_x4: the same at x4 with the z-axis pairs (--zpairs)
+#   nothin    RUNS/loo_nothin_<V>_x4: the same at x4 without thin supervision (--nothin)
 #   capacity  RUNS/capacity_{medium,paper}_x4: bigger presets, the chest left out
 #   throughput  RUNS/throughput_p{32,256,1024}_x4: fresh 45-second runs at x4 with 32, 256 and 1024
-#             planes per step, and RUNS/throughput_p256_compile_x4 (90 s, --compile), for the
-#             throughput table of docs/PERFORMANCE.md (about 4 minutes on top of LEASE_MIN)
+#             planes per step, for the throughput table of docs/PERFORMANCE.md (about 3 minutes on
+#             top of LEASE_MIN)
 # DATA: the folder of the shared CT volumes (../shared/data/ct copied into an ignored folder of
 # the repository, e.g. .gpu_data/ct). Extra arguments for every run: PRETRAIN_ARGS, e.g.
 # PRETRAIN_ARGS="--data_dir .gpu_data/more". Each lease's console output: RUNS/logs/<run>.log.
@@ -70,21 +70,20 @@ fi
 # the crops' equivalence, resume, and on CUDA that a step never waits for the GPU (a few seconds)
 python3 -m pytest -q -p no:cacheprovider tests/test_pretrain.py 2>&1 | tail -3
 [ "${PIPESTATUS[0]}" -eq 0 ] || echo "tests/test_pretrain.py failed on this machine (training goes on)"
-VOLUMES=(chest_1.5mm abdomen_3mm dicom_2mm)
+VOLUMES=(totalseg_chest_1.5mm totalseg_example_ct_3mm totalseg_dicom_series)
 
-# the runs of the groups: "name|factors|pretrain.py arguments", one process each
+# the runs of the groups: "name|factors|icmd_auto pretrain arguments", one process per factor
 runs=()
 for group in "${GROUPS_[@]}"; do
     case $group in
         shipped) runs+=("full|2 3 4 5 6|") ;;
         loo) for v in "${VOLUMES[@]}"; do runs+=("loo_$v|2 4|--leave_out $v"); done ;;
-        zpairs) for v in "${VOLUMES[@]}"; do runs+=("loo_zpairs_$v|4|--leave_out $v --zpairs"); done ;;
-        capacity) runs+=("capacity_medium|4|--leave_out chest_1.5mm --preset medium"
-                         "capacity_paper|4|--leave_out chest_1.5mm --preset paper") ;;
+        nothin) for v in "${VOLUMES[@]}"; do runs+=("loo_nothin_$v|4|--leave_out $v --nothin"); done ;;
+        capacity) runs+=("capacity_medium|4|--leave_out totalseg_chest_1.5mm --preset medium"
+                         "capacity_paper|4|--leave_out totalseg_chest_1.5mm --preset paper") ;;
         throughput) for p in 32 256 1024; do
-                runs+=("throughput_p$p|4|--planes $p --minutes 0.75 --total_minutes 0.75 --validate_every_s 1000 fresh")
-            done
-            runs+=("throughput_p256_compile|4|--planes 256 --compile --minutes 1.5 --total_minutes 1.5 --validate_every_s 1000 fresh") ;;
+                runs+=("throughput_p$p|4|--planes $p --lease_minutes 0.75 --hours 0.0125 fresh")
+            done ;;
         *) echo "unknown group $group" >&2; exit 2 ;;
     esac
 done
@@ -104,11 +103,13 @@ for run in "${runs[@]}"; do
         extra=${extra% fresh}
         rm -rf "$RUNS/${name}_x4"
     fi
-    # shellcheck disable=SC2086  # the factors and extra arguments are words
-    python3 benchmarks/pretrain.py --data "$DATA" --factors $factors --out "$RUNS/${name}_x{r}" \
-        --minutes "$MINUTES" --total_minutes "$TOTAL_MIN" --resume $extra ${PRETRAIN_ARGS:-} \
-        2>&1 | tee -a "$RUNS/logs/$name.log" | grep --line-buffered -E "lease|resumed|schedule|Error"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "$name failed: $RUNS/logs/$name.log"; status=1; }
+    for factor in $factors; do
+        # shellcheck disable=SC2086  # the extra arguments are words
+        python3 -m icmd_auto pretrain --data_dir "$DATA" --factor "$factor" --out "$RUNS/${name}_x$factor" \
+            --lease_minutes "$MINUTES" --hours "$(python3 -c "print($TOTAL_MIN / 60)")" --resume $extra \
+            ${PRETRAIN_ARGS:-} 2>&1 | tee -a "$RUNS/logs/$name.log" | grep --line-buffered -E "lease|schedule|error"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "$name x$factor failed: $RUNS/logs/$name.log"; status=1; }
+    done
 done
 if [ -n "${OUT:-}" ]; then
     tar -c -C "$RUNS" . | split -b 15m - "$OUT/runs.tar.part-"

@@ -1,7 +1,7 @@
 """The dataset protocol: leave-one-out over the shared volumes, the prior zero-shot and fine-tuned.
 
 For each volume V and factor r: the thick input D_r(V) (slice removal, as benchmarks/quality.py),
-and the prior trained WITHOUT V (benchmarks/pretrain.py --leave_out V, one folder per run:
+and the prior trained WITHOUT V (``icmd_auto pretrain --leave_out <V's file name> --out <priors>/loo_<V>_x<r>``:
 ``<priors>/loo_<V>_x<r>/prior_x<r>.pt``, and ``<priors>/loo_<V>_x<r>_<preset>/`` for other presets).
 Rows, scored on synthesized slices against V, all in this run:
   zero-shot (P)      ``icmd_auto predict`` with no work folder (the LOO prior of preset P, no training);
@@ -85,7 +85,8 @@ def prior_folders(priors: Path, volume: str, factor: int) -> dict[str, Path]:
         found[folder.name[len(base) + 1 :]] = folder
     if not found:
         raise SystemExit(
-            f"{priors}: no {base} folder (benchmarks/pretrain.py --leave_out {volume} --factors {factor})"
+            f"{priors}: no {base} folder (icmd_auto pretrain --factor {factor} --leave_out <{volume}'s file name> "
+            f"--out {priors / base})"
         )
     return found
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .fingerprint import intensity_window
 from .template import TEMPLATE_DIR
 
 TEMPLATE_PARTS = ("configs", "scripts", "docs", "LICENSE")
@@ -132,10 +133,7 @@ def metadata(plan: dict, template_meta: dict) -> dict:
         }
     )
     fmt = meta["network_data_format"]
-    fmt["inputs"]["image"]["value_range"] = [
-        (intensity["clip_low"] - intensity["mean"]) / intensity["std"],
-        (intensity["clip_high"] - intensity["mean"]) / intensity["std"],
-    ]
+    fmt["inputs"]["image"]["value_range"] = list(intensity_window(intensity))
     fmt["outputs"]["pred"]["spatial_shape"] = ["8*n", "8*n", f"2*n*{factor}"]  # r x the input's slices
     fmt["outputs"]["pred"]["upsampling_factor_z"] = factor
     fmt["outputs"]["pred"]["target_spacing_z_mm"] = target_z

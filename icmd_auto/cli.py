@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import fire
 
@@ -21,6 +22,7 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 from . import __version__, api  # noqa: E402
 from .demo import run_demo  # noqa: E402
 from .errors import ICMDError  # noqa: E402
+from .prior import use_directory as use_prior_directory  # noqa: E402
 from .report import format_report  # noqa: E402
 
 logger = logging.getLogger("icmd_auto")
@@ -57,8 +59,11 @@ def plan(
     seconds_per_iteration: float | None = None,
     init: str | None = None,
     threads: int | None = None,
+    prior: str | None = None,
 ):
-    """Check a dataset.json, fingerprint it, plan the experiment and generate WORK/bundle. --series UID takes that series from a DICOM folder holding several. With a time budget, --seconds_per_iteration S (e.g. the value an earlier plans.json recorded) replaces the timing probe, and --threads N the probe's choice of CPU threads: the same plan on any machine, busy or not. --init scratch|prior: training starts from random weights (the default) or from the shipped CT prior (warm start)."""
+    """Check a dataset.json, fingerprint it, plan the experiment and generate WORK/bundle. --series UID takes that series from a DICOM folder holding several. With a time budget, --seconds_per_iteration S (e.g. the value an earlier plans.json recorded) replaces the timing probe, and --threads N the probe's choice of CPU threads: the same plan on any machine, busy or not. --init scratch|prior: training starts from random weights (the default) or from the shipped CT prior (warm start); --prior DIR takes the priors of DIR (a folder `icmd_auto pretrain` wrote) instead of the shipped ones."""
+    if prior is not None:
+        use_prior_directory(prior)
     plans = api.plan(
         dataset,
         work,
@@ -119,9 +124,12 @@ def predict(
     resume: bool = False,
     preview: str | bool | None = None,
     series: str | None = None,
+    prior: str | None = None,
     **overrides,
 ):
-    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom); for a folder of volumes or a dataset.json INPUT, into the folder OUTPUT (--resume skips cases already done). --preview PNG writes coronal/sagittal views before and after. --series UID takes that series from a DICOM folder holding several. Without --work, the shipped CT prior for the input's factor (--factor R, or its spacing) synthesises it: no plan, no training (zero-shot)."""
+    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom); for a folder of volumes or a dataset.json INPUT, into the folder OUTPUT (--resume skips cases already done). --preview PNG writes coronal/sagittal views before and after. --series UID takes that series from a DICOM folder holding several. Without --work, the shipped CT prior for the input's factor (--factor R, or its spacing) synthesises it: no plan, no training (zero-shot); --prior DIR takes the priors of DIR (a folder `icmd_auto pretrain` wrote) instead."""
+    if prior is not None:
+        use_prior_directory(prior)
     result = api.predict(
         work,
         input,
@@ -179,6 +187,85 @@ def demo(work: str = "icmd_demo", minutes: float = 3.0):
     run_demo(work, minutes=minutes, quiet=_QUIET)
 
 
+def pretrain(
+    out: str,
+    factor: int,
+    dataset: str | None = None,
+    data_dir: str | list | None = None,
+    hours: float | None = None,
+    steps: int | None = None,
+    stop_after: int | None = None,
+    lease_minutes: float | None = None,
+    resume: bool = False,
+    init_from: str | None = None,
+    leave_out: str | list | None = None,
+    skip_bad: bool = False,
+    thin: bool = True,
+    preset: str = "small",
+    slice_profile: str = "removal",
+    patch: int = 96,
+    planes: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    bf16: bool | None = None,
+    device: str | None = None,
+    lr: float | None = None,
+):
+    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out. --preset: small | medium | paper; --slice_profile: removal | average."""
+    from .pretrain import PretrainOptions, command_line
+    from .pretrain import pretrain as run_pretrain
+
+    dirs, left = _words(data_dir), _words(leave_out)
+    opts = PretrainOptions(
+        factor=int(factor),
+        out=Path(out),
+        hours=float(hours) if hours is not None else (None if steps else 1.0),
+        steps=int(steps) if steps else None,
+        stop_after=int(stop_after) if stop_after else None,
+        lease_minutes=float(lease_minutes) if lease_minutes else None,
+        lr=float(lr) if lr else None,
+        dataset=Path(dataset) if dataset else None,
+        data_dirs=[Path(d) for d in dirs],
+        leave_out=[str(n) for n in left],
+        skip_bad=skip_bad,
+        thin=thin,
+        preset=preset,
+        slice_profile=slice_profile,
+        patch=int(patch),
+        planes=planes,
+        seed=int(seed),
+        threads=threads,
+        bf16=bf16,
+        device=device or ("cuda" if _cuda() else "cpu"),
+        resume=resume,
+        init_from=Path(init_from) if init_from else None,
+        command=command_line(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else []),
+    )
+    card = run_pretrain(opts)
+    best = card["validation"]["best"]
+    print(
+        f"wrote {Path(out) / f'prior_x{factor}.pt'}: {card['iterations']} of {card['schedule']['total_steps']} steps, "
+        f"{card['cpu_hours']:.2f} CPU-hours; held-out PSNR {best['psnr']:.2f} dB vs linear {best['linear']:.2f} "
+        f"({best['psnr'] - best['linear']:+.2f}); {card['validation']['assessment']}"
+    )
+
+
+def _words(value) -> list[str]:
+    """A list option as fire gives it: a list, or one string 'a,b' / '[a,b]' (fire keeps a list of
+    bare names with dots as one string)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [w.strip() for w in str(value).strip("[]").split(",") if w.strip()]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def version():
     """Print the icmd_auto version."""
     print(__version__)
@@ -205,6 +292,7 @@ COMMANDS = {
     "export": export,
     "import": import_bundle,
     "demo": demo,
+    "pretrain": pretrain,
     "version": version,
 }
 

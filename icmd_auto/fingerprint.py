@@ -144,6 +144,15 @@ def pooled_intensity(samples: list[np.ndarray]) -> dict[str, float]:
     return stats
 
 
+def intensity_window(intensity: dict) -> tuple[float, float]:
+    """The clip window (``clip_low``, ``clip_high`` HU) in standardised units, (HU - mean) / std: what
+    the networks' feature branches clamp their input to."""
+    return (
+        (intensity["clip_low"] - intensity["mean"]) / intensity["std"],
+        (intensity["clip_high"] - intensity["mean"]) / intensity["std"],
+    )
+
+
 def sample_voxels(array: np.ndarray, n: int = POOL_PER_CASE, seed: int = 0) -> np.ndarray:
     flat = array.reshape(-1)
     flat = flat[np.isfinite(flat)]

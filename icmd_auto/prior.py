@@ -1,4 +1,4 @@
-"""The shipped CT priors: G_c/G_s pretrained once per factor (benchmarks/pretrain.py).
+"""CT priors: G_c/G_s pretrained once per factor (``icmd_auto pretrain``), shipped or a site's own.
 
 A prior is ``priors/prior_x{r}.pt`` (an ICMDNet state dict: the ``inplane`` recipe's network)
 with its card ``priors/prior_x{r}.json`` (architecture, the intensity standardisation it was
@@ -14,8 +14,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ICMDError
+
 PRIOR_DIR = Path(__file__).resolve().with_name("priors")
-# another folder of priors (benchmarks/pretrain.py's output, e.g. the leave-one-out priors)
+# another folder of priors (``icmd_auto pretrain``'s output: a site's own, or a leave-one-out prior);
+# ``--prior DIR`` of plan and predict sets it for the process
 PRIOR_DIR_VARIABLE = "ICMD_AUTO_PRIORS"
 INITS = ("prior", "scratch")
 
@@ -58,6 +61,17 @@ class Prior:
 def prior_dir() -> Path:
     """The priors' folder: ``$ICMD_AUTO_PRIORS`` if set, else the package's own."""
     return Path(os.environ[PRIOR_DIR_VARIABLE]) if os.environ.get(PRIOR_DIR_VARIABLE) else PRIOR_DIR
+
+
+def use_directory(directory: str | Path) -> Path:
+    """Take the priors of ``directory`` (a folder ``icmd_auto pretrain`` wrote) instead of the
+    shipped ones, for this process (``--prior DIR``); one line where it holds none."""
+    directory = Path(directory).expanduser().absolute()
+    found = available(directory) if directory.is_dir() else {}
+    if not found:
+        raise ICMDError(f"--prior {directory}: no prior (prior_xR.pt with its card prior_xR.json) in it")
+    os.environ[PRIOR_DIR_VARIABLE] = str(directory)
+    return directory
 
 
 def available(directory: Path | None = None) -> dict[int, Prior]:

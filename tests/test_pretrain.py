@@ -1,46 +1,46 @@
-"""Prior pretraining (benchmarks/pretrain.py) on small made volumes: the batched crops, a short run,
-and a run continued across two leases (``--resume``)."""
+"""`icmd_auto pretrain` on small made volumes: the batched crops and their resampler (the one
+per-scan training uses), the held-out slab no crop reads, thin supervision along z, a run killed
+and continued (``--resume``) against an uninterrupted one, and bad volumes named."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
+import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from icmd_auto.planner import PRESETS, build_network
+from icmd_auto import cli
+from icmd_auto import pretrain as pt
+from icmd_auto.planner import PRESETS, RECIPES, build_network
 from icmd_auto.synthetic import ct_phantom, save_nifti
-
-REPO = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("pretrain", REPO / "benchmarks" / "pretrain.py")
-pretrain = importlib.util.module_from_spec(SPEC)
-sys.modules["pretrain"] = pretrain  # its dataclasses look their module up
-SPEC.loader.exec_module(pretrain)
+from icmd_auto.template import scripts
 
 UNIT = {"mean": 0.0, "std": 1.0}  # keeps the made values as they are
-SHARED = list(pretrain.VOLUMES)  # left out: the tests do not need ../shared
+CPU = torch.device("cpu")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 
 
-def made_volumes(*shapes: tuple[int, int, int]) -> dict:
+def made_volumes(*shapes: tuple[int, int, int], spacing=(1.0, 1.0, 3.0)) -> dict:
     rng = np.random.default_rng(0)
     return {
-        f"v{k}": pretrain.Volume(rng.normal(size=shape).astype(np.float32), (1.0, 1.0, 1.0), f"v{k}")
+        f"v{k}": pt.Volume(rng.normal(size=shape).astype(np.float32), spacing, f"v{k}")
         for k, shape in enumerate(shapes)
     }
 
 
-def training_slices(volumes: dict) -> list[tuple[str, int]]:
-    """(volume, z) of each row of the bank's axial table, in order: every 8th slice is held out."""
-    every = pretrain.HOLD_OUT_EVERY
-    return [
-        (name, z) for name, v in volumes.items() for z in range(v.array.shape[2]) if z % every != every // 2
-    ]
+def training_slices(volumes: dict, factor: int) -> list[tuple[str, int]]:
+    """(volume, z) of each row of the bank's axial table, in order: the central slab is held out."""
+    rows = []
+    for name, v in volumes.items():
+        start, stop = pt.validation_slab(v.array.shape[2], factor)
+        rows += [(name, z) for z in range(v.array.shape[2]) if not start <= z < stop]
+    return rows
 
 
 def flipped(plane: torch.Tensor, code: int) -> torch.Tensor:
@@ -55,12 +55,12 @@ def flipped(plane: torch.Tensor, code: int) -> torch.Tensor:
 
 def test_batched_crop_equals_plain_slicing():
     volumes = made_volumes((40, 36, 10), (30, 33, 7))
-    bank = pretrain.PlaneBank(volumes, UNIT, torch.device("cpu"), zpairs=False)
-    where = training_slices(volumes)
+    bank = pt.PlaneBank(volumes, UNIT, 2, CPU, thin=False, size=12)
+    where = training_slices(volumes, 2)
     assert len(bank.axial) == len(where)
     size = 12
-    rows = torch.tensor([0, 3, len(where) - 1, 9, 12, 5, 14, 1])
-    # rows 0-8: volume 0 (40 x 36), rows 9-14: volume 1 (30 x 33); some crops touch the far edges
+    n = len(where)
+    rows = torch.tensor([0, 3, n - 1, 4, n - 2, 5, 2, 1])
     corners = torch.tensor([[0, 0], [28, 24], [18, 21], [10, 3], [3, 1], [0, 9], [11, 2], [6, 6]]).float()
 
     def source(k: int) -> torch.Tensor:
@@ -68,65 +68,59 @@ def test_batched_crop_equals_plain_slicing():
         return torch.from_numpy(volumes[name].array[:, :, z])
 
     # scale 1, each of the 8 flips/transposes: the pixels themselves
-    codes = torch.arange(8)
-    crops = bank.crop(bank.axial, rows, corners, torch.ones(8), codes, size)
+    crops = bank.crop(bank.axial, rows, corners, torch.ones(8), torch.arange(8), size)
     assert crops.shape == (8, 1, size, size)
     for k in range(8):
         a, b = (int(c) for c in corners[k])
-        expected = flipped(source(k)[a : a + size, b : b + size], k)
-        assert torch.equal(crops[k, 0], expected), f"crop {k}, code {k}"
+        assert torch.equal(crops[k, 0], flipped(source(k)[a : a + size, b : b + size], k)), f"crop {k}"
 
-    # scale 1/2: area resampling, the mean of 2 x 2 pixels (what F.interpolate(mode="area") gave)
+    # scale 1/2: area resampling, the mean of 2 x 2 pixels
     half = torch.tensor([[0, 0], [16, 12], [6, 9], [4, 2], [2, 0], [0, 8], [5, 7], [3, 5]]).float()
     crops = bank.crop(bank.axial, rows, half, torch.full((8,), 0.5), torch.zeros(8, dtype=torch.long), size)
     for k in range(8):
         a, b = (int(c) for c in half[k])
         region = source(k)[a : a + 2 * size, b : b + 2 * size]
-        expected = F.interpolate(region[None, None], size=(size, size), mode="area")[0, 0]
-        torch.testing.assert_close(crops[k, 0], expected)
-
-    # scale 2: bilinear interpolation at half-pixel steps
-    crops = bank.crop(
-        bank.axial, rows, corners, torch.full((8,), 2.0), torch.zeros(8, dtype=torch.long), size
-    )
-    m = size // 2 + 1
-    for k in range(8):
-        a, b = (int(c) for c in corners[k])
-        region = source(k)[a : a + m, b : b + m]
-        expected = F.interpolate(
-            region[None, None], size=(2 * m - 1,) * 2, mode="bilinear", align_corners=True
+        torch.testing.assert_close(
+            crops[k, 0], F.interpolate(region[None, None], size=(size, size), mode="area")[0, 0]
         )
-        torch.testing.assert_close(crops[k, 0], expected[0, 0, :size, :size])
 
 
-def test_zplanes_are_coronal_and_sagittal_planes_with_z_last():
-    volumes = made_volumes((20, 18, 16))
-    bank = pretrain.PlaneBank(volumes, UNIT, torch.device("cpu"), zpairs=True)
-    array = torch.from_numpy(volumes["v0"].array)
-    assert len(bank.zplanes) == 18 + 20  # a coronal plane per y, a sagittal plane per x
-    rows = torch.tensor([0, 17, 18, 37])  # coronal y = 0, 17; sagittal x = 0, 19
-    corners = torch.tensor([[1, 2], [5, 0], [0, 3], [6, 4]]).float()
-    crops = bank.crop(bank.zplanes, rows, corners, torch.ones(4), torch.zeros(4, dtype=torch.long), 12)
-    assert torch.equal(crops[0, 0], array[1:13, 0, 2:14])
-    assert torch.equal(crops[1, 0], array[5:17, 17, 0:12])
-    assert torch.equal(crops[2, 0], array[0, 0:12, 3:15])
-    assert torch.equal(crops[3, 0], array[19, 6:18, 4:16])
+@pytest.mark.parametrize("scale", [0.5, 0.7, 1.3, 2.0])
+def test_pretraining_crops_are_made_as_per_scan_training_makes_them(scale):
+    # one resampler: a crop of a whole slice at the per-scan grid's corner equals the slice that
+    # per-scan training (degradation.inplane_planes) resamples, at any scale, not only 0.5, 1 and 2
+    volumes = made_volumes((40, 40, 8))
+    bank = pt.PlaneBank(volumes, UNIT, 2, CPU, thin=False, size=8)
+    plane = torch.from_numpy(volumes["v0"].array[:, :, 0])
+    per_scan = scripts.degradation.inplane_planes(plane[None, None, :, :, None], scale)[0, 0]
+    size = per_scan.shape[0]
+    step = torch.tensor([1 / scale], dtype=torch.float64)
+    extent = (size - 1) * step + 2 * scripts.degradation.area_half_width(step)
+    corner = float((40 - 1 - extent) / 2)  # enlarging, a fraction of a pixel before the slice
+    crop = bank.crop(
+        bank.axial,
+        torch.tensor([0]),
+        torch.tensor([[corner, corner]]),
+        torch.tensor([scale]),
+        torch.tensor([0]),
+        size,
+    )[0, 0]
+    torch.testing.assert_close(crop, per_scan, rtol=0, atol=1e-4)
 
 
 def test_drawn_crops_stay_inside_one_training_slice():
     # every slice holds one value, 100 * volume + z: a crop that crossed a plane's edge, or read a
     # held-out slice, would show another value
-    volumes = made_volumes((40, 30, 9), (64, 70, 5))
+    volumes = made_volumes((40, 30, 12), (64, 70, 9))
     for k, v in enumerate(volumes.values()):
         v.array[:] = 100 * k + np.arange(v.array.shape[2], dtype=np.float32)
-    bank = pretrain.PlaneBank(volumes, UNIT, torch.device("cpu"), zpairs=False)
+    bank = pt.PlaneBank(volumes, UNIT, 2, CPU, thin=False, size=24)
     allowed = {
-        100 * k + z for k, name in enumerate(volumes) for n, z in training_slices(volumes) if n == name
+        100 * k + z for k, name in enumerate(volumes) for n, z in training_slices(volumes, 2) if n == name
     }
     generator = torch.Generator().manual_seed(0)
     scales = (math.log(0.5), math.log(1.25))
     crops = bank.draw(bank.axial, 256, 24, scales, generator)[:, 0]
-    assert crops.shape == (256, 24, 24)
     values = crops.flatten(1)
     torch.testing.assert_close(values, values[:, :1].expand_as(values), rtol=0, atol=1e-4)
     seen = {round(float(v)) for v in values[:, 0]}
@@ -135,95 +129,202 @@ def test_drawn_crops_stay_inside_one_training_slice():
     assert torch.equal(crops, again), "the same generator state draws the same batch"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ct")
-    for seed, shape in enumerate([(48, 44, 14), (40, 40, 12)]):
-        save_nifti(
-            ct_phantom(shape, (1.0, 1.0, 1.0), seed=seed),
-            (1.0, 1.0, 1.0),
-            str(folder / f"made_{seed}.nii.gz"),
-        )
+def test_thin_supervision_crops_never_read_the_validation_slab():
+    # a thin volume (1 mm slices) gives z-axis planes; each holds z as its value, so a crop's values
+    # are the slices it read: none may lie in the held-out slab (the leak of the earlier --zpairs)
+    volumes = made_volumes((30, 28, 60), spacing=(0.8, 0.8, 1.0))
+    volumes |= {"thick": pt.Volume(np.zeros((30, 28, 60), np.float32), (0.8, 0.8, 3.0), "thick")}
+    volumes["v0"].array[:] = np.arange(60, dtype=np.float32)
+    bank = pt.PlaneBank(volumes, UNIT, 4, CPU, thin=True, size=16)
+    assert bank.thin_volumes == ["v0"], "only the volume with thin slices gives z pairs"
+    start, stop = bank.slabs["v0"]
+    crops = bank.draw(bank.zplanes, 512, 16, (0.0, 0.0), torch.Generator().manual_seed(1), flips=False)
+    read = set(np.unique(crops.numpy().round()).astype(int))
+    assert not read & set(range(start, stop)), (
+        f"read held-out slices {sorted(read & set(range(start, stop)))}"
+    )
+    assert read & set(range(start)) and read & set(range(stop, 60)), "both parts are drawn"
+    # z last: along the crop's last axis the slice index grows by one per pixel
+    assert torch.equal(crops[:, 0, :, 1:] - crops[:, 0, :, :-1], torch.ones(512, 16, 15))
+    kinds = [kind for _, kind, _ in bank.validation_items()]
+    assert kinds == ["inplane", "z", "inplane"]
+
+
+def write_data(folder: Path, shapes=((48, 44, 14), (40, 40, 12)), spacing=(1.0, 1.0, 2.0)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, shape in enumerate(shapes):
+        save_nifti(ct_phantom(shape, spacing, seed=seed), spacing, str(folder / f"made_{seed}.nii.gz"))
     record = {"file": "made_0.nii.gz", "name": "made_0", "licence": "CC0", "attribution": "this test"}
     (folder / "sources.json").write_text(json.dumps({"series": [record]}))  # as benchmarks/fetch_ct.py writes
     return folder
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("ct"))
+
+
 def run(data_dir: Path, out: Path, *extra: str) -> dict:
-    pretrain.main(
-        ["--data", str(data_dir / "no_shared"), "--data_dir", str(data_dir), "--leave_out", *SHARED]
-        + ["--factors", "2", "--preset", "tiny", "--patch", "24", "--planes", "4", "--threads", "1"]
-        + ["--lr", "1e-3", "--lr_min", "1e-3", "--log_every", "2", "--out", str(out), *extra]
-    )
+    argv = ["pretrain", "--data_dir", str(data_dir), "--factor", "2", "--out", str(out), "--preset", "tiny"]
+    argv += ["--patch", "24", "--planes", "4", "--threads", "1", "--nobf16", *extra]
+    assert cli.main(argv) == 0
     return json.loads((out / "prior_x2.json").read_text())
 
 
-def test_short_run_writes_the_prior_and_resume_continues_it(data_dir, tmp_path):
-    card = run(data_dir, tmp_path / "leases", "--steps", "3")
-    assert card["iterations"] == 3 and card["factor"] == 2
+def test_a_killed_run_continued_trains_what_an_uninterrupted_one_trains(data_dir, tmp_path):
+    card = run(data_dir, tmp_path / "leases", "--steps", "6", "--stop_after", "4")
+    assert card["iterations"] == 4 and card["factor"] == 2 and card["schedule"]["total_steps"] == 6
     assert sorted(card["data"]) == ["made_0", "made_1"] and card["data"]["made_0"]["shape"] == [48, 44, 14]
-    assert card["data"]["made_0"]["licence"] == "CC0" and "licence" not in card["data"]["made_1"]
-    (lease,) = card["leases"]
-    assert lease["steps"] == 3 and lease["device"] == "cpu" and lease["samples_per_s"] > 0
+    assert card["data"]["made_0"]["licence"] == "CC0" and card["data"]["made_1"]["licence"] == "not stated"
+    assert card["licences"] == ["CC0", "not stated"]
+    assert str(tmp_path) not in json.dumps(card), "the card names no folder of this machine"
     first_curve = card["validation"]["curve"]
-    assert [p["iteration"] for p in first_curve] == [0, 3]
-    net = build_network(2, PRESETS["tiny"], pretrain.METHOD)
-    net.load_state_dict(torch.load(tmp_path / "leases" / "prior_x2.pt", weights_only=True))
 
-    card = run(data_dir, tmp_path / "leases", "--steps", "2", "--resume")
-    assert card["iterations"] == 5
-    assert [lease["first_step"] for lease in card["leases"]] == [0, 3]
-    assert [lease["steps"] for lease in card["leases"]] == [3, 2]
-    curve = card["validation"]["curve"]
-    assert curve[: len(first_curve)] == first_curve, "the first lease's curve is kept"
-    assert [(p["iteration"], p["lease"]) for p in curve[len(first_curve) :]] == [(5, 2)]
+    card = run(data_dir, tmp_path / "leases", "--steps", "6", "--resume")
+    assert card["iterations"] == 6
+    assert [(lease["first_step"], lease["steps"]) for lease in card["leases"]] == [(0, 4), (4, 2)]
+    assert card["validation"]["curve"][: len(first_curve)] == first_curve
 
-    # the two leases train exactly what one run of 5 steps trains (constant rate: the schedule is
-    # by time, and the two runs take different times)
-    run(data_dir, tmp_path / "one_run", "--steps", "5")
+    # one run of the same 6-step cosine schedule: the same weights, best weights and curve
+    straight_card = run(data_dir, tmp_path / "one_run", "--steps", "6")
     resumed = torch.load(tmp_path / "leases" / "prior_x2.ckpt", weights_only=False)
     straight = torch.load(tmp_path / "one_run" / "prior_x2.ckpt", weights_only=False)
-    assert resumed["state"]["step"] == straight["state"]["step"] == 5
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+    for name in ("prior_x2.pt",):
+        a = torch.load(tmp_path / "leases" / name, weights_only=True)
+        b = torch.load(tmp_path / "one_run" / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+    def scores(c: dict) -> list[dict]:
+        return [
+            {k: v for k, v in p.items() if k not in ("seconds", "lease")} for p in c["validation"]["curve"]
+        ]
+
+    assert scores(card) == scores(straight_card)
+    # the prior loads into the recipe's network
+    net = build_network(2, PRESETS["tiny"], RECIPES["inplane"])
+    net.load_state_dict(torch.load(tmp_path / "one_run" / "prior_x2.pt", weights_only=True))
+
+    # --init_from continues a prior on a new schedule; the card keeps its history
+    card = run(data_dir, tmp_path / "next", "--steps", "2", "--init_from", str(tmp_path / "one_run"))
+    assert card["continued_from"]["iterations"] == 6 and card["continued_from"]["data"] == [
+        "made_0",
+        "made_1",
+    ]
+    assert card["cpu_hours"] > card["continued_from"]["cpu_hours"] > 0
 
 
-def test_a_slice_too_small_for_the_patch_is_named(tmp_path):
-    volumes = made_volumes((40, 36, 10), (20, 18, 6))
-    bank = pretrain.PlaneBank(volumes, UNIT, torch.device("cpu"), zpairs=False)
-    with pytest.raises(SystemExit, match="v1: axial slices of 20 x 18 pixels"):
-        bank.check_fits(24, 1.25)
+def test_bad_volumes_are_named_one_line_each(tmp_path, capsys):
+    folder = write_data(tmp_path / "ct", shapes=((48, 44, 14),))
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 not really gzip")
+    save_nifti(
+        ct_phantom((48, 44, 3), (1.0, 1.0, 2.0), seed=3), (1.0, 1.0, 2.0), str(folder / "short.nii.gz")
+    )
+    argv = [
+        "pretrain",
+        "--data_dir",
+        str(folder),
+        "--factor",
+        "2",
+        "--out",
+        str(tmp_path / "p"),
+        "--steps",
+        "1",
+    ]
+    argv += ["--preset", "tiny", "--patch", "24", "--planes", "2", "--nobf16"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "broken.nii.gz" in err and "short.nii.gz: 3 slice(s); pretraining needs at least 6" in err
+    assert not (tmp_path / "p" / "prior_x2.pt").exists()
+    assert cli.main(argv + ["--skip_bad"]) == 0
+    card = json.loads((tmp_path / "p" / "prior_x2.json").read_text())
+    assert sorted(card["data"]) == ["made_0"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a step's host synchronisations")
-def test_a_step_does_not_wait_for_the_gpu():
-    # after a first step (which moves the wavelet filters and tunes cuDNN), drawing a batch and a
-    # whole training step queue GPU work only: torch raises on any synchronising call
-    device = torch.device("cuda")
-    volumes = made_volumes((64, 60, 12), (48, 50, 9))
-    bank = pretrain.PlaneBank(volumes, UNIT, device, zpairs=False)
-    net = build_network(2, PRESETS["tiny"], pretrain.METHOD).to(device)
-    iteration = pretrain.build_iteration(2, 0, dict(pretrain.METHOD))
-    iteration.inplane_scale = 1.0
-    optimizer = torch.optim.Adam(net.parameters(), 1e-3, fused=True)
-    generator = torch.Generator(device=device).manual_seed(0)
-    running = torch.zeros((), device=device)
+@pytest.mark.skipif(
+    not (SHARED / "totalseg_dicom_series").is_dir(), reason="needs ../shared/data (a DICOM series)"
+)
+def test_a_folder_of_nifti_files_and_dicom_series(tmp_path):
+    folder = write_data(tmp_path / "ct", shapes=((48, 44, 14),))
+    shutil.copytree(SHARED / "totalseg_dicom_series", folder / "dicom_series")
+    card = run(folder, tmp_path / "p", "--steps", "1")
+    assert card["data"]["dicom_series"]["shape"] == [512, 512, 20]
+    assert card["data"]["dicom_series"]["source"] == "dicom_series"
 
-    def step():
-        planes = bank.draw(bank.axial, 16, 32, (math.log(0.5), math.log(1.25)), generator)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = pretrain.pair_losses(net, iteration, planes, None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running.add_(loss.detach())
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert math.isfinite(float(running))
+@pytest.fixture(scope="module")
+def prior_folder(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site_prior")
+    run(data_dir, out, "--steps", "3")
+    return out
+
+
+def test_predict_and_plan_take_a_prior_folder_that_pretrain_wrote(
+    prior_folder, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("ICMD_AUTO_PRIORS", raising=False)  # --prior sets it for the process: undone after
+    thick = tmp_path / "thick.nii.gz"
+    save_nifti(ct_phantom((40, 36, 8), (1.0, 1.0, 2.0), seed=7), (1.0, 1.0, 2.0), str(thick))
+    ours, shipped = tmp_path / "ours.nii.gz", tmp_path / "shipped.nii.gz"
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--input",
+                str(thick),
+                "--output",
+                str(ours),
+                "--factor",
+                "2",
+                "--prior",
+                str(prior_folder),
+            ]
+        )
+        == 0
+    )
+    monkeypatch.delenv("ICMD_AUTO_PRIORS")
+    assert cli.main(["predict", "--input", str(thick), "--output", str(shipped), "--factor", "2"]) == 0
+    a, b = (np.asarray(nib.load(str(p)).dataobj) for p in (ours, shipped))
+    assert a.shape == b.shape == (40, 36, 15) and not np.array_equal(a, b), (
+        "the site's prior, not the shipped one"
+    )
+
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps({"training": [thick.name], "factor": 2}))
+    work = tmp_path / "work"
+    argv = [
+        "plan",
+        "--dataset",
+        str(dataset),
+        "--work",
+        str(work),
+        "--init",
+        "prior",
+        "--prior",
+        str(prior_folder),
+    ]
+    assert (
+        cli.main(argv + ["--time_budget_min", "1", "--seconds_per_iteration", "0.1", "--threads", "1"]) == 0
+    )
+    plans = json.loads((work / "plans.json").read_text())
+    assert plans["init"]["value"]["mode"] == "prior" and plans["preset"]["value"] == "tiny"
+    assert (work / "bundle" / "models" / "prior.pt").read_bytes() == (
+        prior_folder / "prior_x2.pt"
+    ).read_bytes()
+
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--input",
+                str(thick),
+                "--output",
+                str(tmp_path / "x.nii.gz"),
+                "--prior",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
+    assert "no prior (prior_xR.pt with its card prior_xR.json)" in capsys.readouterr().err

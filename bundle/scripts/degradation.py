@@ -53,21 +53,68 @@ def internal_pair(
     return degrade_last(target, factor, profile), target
 
 
+def area_half_width(step: torch.Tensor) -> torch.Tensor:
+    """Offset of an output pixel's two sub-samples from its centre: (step - 1) / 2 source pixels when
+    shrinking (``step`` > 1 source pixels per output pixel), 0 when enlarging."""
+    return ((step - 1) / 2).clamp(min=0)
+
+
+def resampling_taps(corner: torch.Tensor, step: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one in-plane resampler of the project, along one axis, as taps and weights.
+
+    Output pixel i of a line whose first source sample sits at ``corner`` (source pixels) and that
+    advances ``step`` source pixels per output pixel is the mean of two linear-interpolation samples
+    ``area_half_width(step)`` either side of its centre: shrinking by 2 this is area resampling (the
+    mean of 2 pixels, as ``F.interpolate(mode="area")``), at step 1 the pixels themselves, enlarging
+    linear interpolation. Per-scan training (``inplane_planes``) and the prior's pretraining crops
+    (``icmd_auto.pretrain.PlaneBank``) both resample through it, so the pairs a prior learns from
+    and those a warm start fine-tunes on are made alike at every scale.
+
+    Args:
+        corner, step: (N,) float tensors, one line each.
+        size: output pixels per line.
+
+    Returns:
+        taps (N, size, 4) int64 source indices (not clamped: the caller clamps to its line, where a
+        tap outside it has weight 0 or duplicates the edge) and weights (N, size, 4) summing to 1.
+    """
+    half = area_half_width(step)
+    i = torch.arange(size, device=step.device, dtype=step.dtype)
+    centre = corner[:, None] + half[:, None] + i * step[:, None]  # (N, size)
+    taps, weights = [], []
+    for sign in (-1.0, 1.0):  # the two sub-samples
+        position = centre + sign * half[:, None]
+        floor = position.floor()
+        frac = position - floor
+        taps += [floor, floor + 1]
+        weights += [(1 - frac) / 2, frac / 2]
+    return torch.stack(taps, -1).long(), torch.stack(weights, -1)
+
+
+def resampling_matrix(length: int, scale: float, device=None) -> torch.Tensor:
+    """(round(length * scale), length): ``resampling_taps`` of a whole line, centred on it, as a matrix."""
+    size = max(int(round(length * scale)), 8)
+    step = torch.tensor([1.0 / scale], dtype=torch.float64, device=device)
+    extent = (size - 1) * step + 2 * area_half_width(step)  # source pixels, first to last sample
+    taps, weights = resampling_taps((length - 1 - extent) / 2, step, size)
+    matrix = torch.zeros(size, length, dtype=torch.float64, device=device)
+    matrix.scatter_add_(1, taps[0].clamp(0, length - 1), weights[0])
+    return matrix
+
+
 def inplane_planes(volume: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Axial slices of (B, 1, X, Y, Z) as planes (B*Z, 1, X, Y), resampled by ``scale``.
+    """Axial slices of (B, 1, X, Y, Z) as planes (B*Z, 1, X', Y'), resampled by ``scale``.
 
     ``scale`` = in-plane spacing / target slice spacing: after resampling the pixel spacing
     equals the spacing the networks must produce along z, so degrading a plane by r along one
-    axis gives a pair at exactly the test scale (no scale gap).
+    axis gives a pair at exactly the test scale (no scale gap). Resampled by ``resampling_taps``.
     """
     b, _, x, y, z = volume.shape
     planes = volume[:, 0].permute(0, 3, 1, 2).reshape(b * z, 1, x, y)
     if abs(scale - 1.0) > 1e-3:
-        size = (max(int(round(x * scale)), 8), max(int(round(y * scale)), 8))
-        mode = "area" if scale < 1 else "bilinear"
-        planes = F.interpolate(
-            planes, size=size, mode=mode, **({} if mode == "area" else {"align_corners": False})
-        )
+        rows = resampling_matrix(x, scale, planes.device).to(planes.dtype)
+        columns = resampling_matrix(y, scale, planes.device).to(planes.dtype)
+        planes = torch.einsum("hx,nxy,wy->nhw", rows, planes[:, 0], columns)[:, None]
     return planes
 
 

@@ -57,7 +57,7 @@ class SelfSupervisedValidation:
         self.mean, self.std = float(mean), float(std)
         self.slice_profile, self.inplane_scale = slice_profile, inplane_scale
 
-    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
         return to_unit(x.float() * self.std + self.mean)
 
     def inplane(self, net, view: str, held_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ class SelfSupervisedValidation:
                         self.axial(net, item) if view == "a" else self.inplane(net, view, item[..., 1:])
                     )
                     items.append(
-                        {"pred": self._unit(pred)[None], "label": self._unit(target)[None], "view": view}
+                        {"pred": self.unit(pred)[None], "label": self.unit(target)[None], "view": view}
                     )
         return items
 
