@@ -70,6 +70,7 @@ VALIDATION_SHARE = 0.1  # the central tenth of a volume's slices (at least 2r + 
 VALIDATION_SLICES = 2  # held-out axial slices scored per volume (in-plane), spread over its slab
 VALIDATION_PLANES = 2  # held-out coronal and sagittal planes scored per thin volume (along z)
 VALIDATION_CROP = 96  # pixels: the centre crop scored (the validation stays a few % of training)
+VALIDATION_POINTS = 50  # validations over a schedule (and one before the first step)
 # planes per step by device: 32 on a CPU (0.4-0.6 s a step on 2 cores); 256 on a GPU (a plane's saved
 # activations are ~10 MB in bf16 at patch 96, small preset, x4; docs/PERFORMANCE.md)
 DEFAULT_PLANES = {"cpu": 32, "cuda": 256}
@@ -413,7 +414,7 @@ def validate(net, items, validation, factor: int) -> dict:
                     low, target = scripts.degradation.inplane_pair(tensor, factor, validation.slice_profile)
                     pred = model.view_network("c")(low)[..., : target.shape[-1]]
                     length = target.shape[-1]
-                    syn = syn_cache.setdefault(length, scripts.evaluation.synthesized_mask(length, factor))
+                    syn = syn_cache.setdefault(length, scripts.degradation.synthesized_mask(length, factor))
                     scores["z_" + key].append(evaluation_psnr(validation, pred[..., syn], target[..., syn]))
     net.train()
     return {k: round(float(np.mean(v)), 4) for k, v in scores.items() if v}
@@ -509,7 +510,6 @@ class PretrainOptions:
     thin: bool = True
     lr: float | None = None
     lr_min: float = 1e-5
-    validate_every_s: float = 60.0
     checkpoint_every_s: float = 60.0
     seed: int = 0
     device: str = "cpu"
@@ -683,8 +683,8 @@ def pretrain(opts: PretrainOptions) -> dict:
             total = state["step"] + max(int((opts.hours * 3600 - state["seconds"]) / seconds), 1)
         if state["total_steps"] is not None:
             logger.info("x%d: schedule %d -> %d steps", factor, state["total_steps"], total)
-        else:
-            state["validate_every"] = max(int(opts.validate_every_s / seconds), 1)
+        else:  # in steps, not seconds: the curve's points do not depend on the machine's load
+            state["validate_every"] = max(total // VALIDATION_POINTS, 1)
         state["total_steps"], state["hours"] = total, opts.hours if opts.steps is None else None
     state["leases"].append(lease)
     total = state["total_steps"]

@@ -45,6 +45,14 @@ def covered(length: int, factor: int) -> int:
     return ((length - 1) // factor) * factor + 1
 
 
+def synthesized_mask(length: int, factor: int, device=None) -> torch.Tensor:
+    """(length,) bool, True along z where a slice is synthesized (not a multiple of r): the positions
+    every loss, validation and score is computed on."""
+    mask = torch.ones(length, dtype=torch.bool, device=device)
+    mask[::factor] = False
+    return mask
+
+
 def internal_pair(
     volume: torch.Tensor, factor: int, profile: str = "removal"
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,8 @@ import torch
 from monai.metrics import SSIMMetric
 from scipy.interpolate import make_interp_spline
 
+from .degradation import synthesized_mask  # noqa: F401  (scores are on its positions; re-exported)
+
 HU_RANGE = (-1024.0, 3071.0)
 BASELINES = ("nearest", "linear", "cubic")
 
@@ -20,13 +22,6 @@ BASELINES = ("nearest", "linear", "cubic")
 def to_unit(hu: torch.Tensor) -> torch.Tensor:
     lo, hi = HU_RANGE
     return (torch.as_tensor(hu, dtype=torch.float64).clamp(lo, hi) - lo) / (hi - lo)
-
-
-def synthesized_mask(length: int, factor: int) -> torch.Tensor:
-    """True along z where a slice was synthesized (not a multiple of r)."""
-    mask = torch.ones(length, dtype=torch.bool)
-    mask[::factor] = False
-    return mask
 
 
 def psnr(pred: torch.Tensor, reference: torch.Tensor) -> float:

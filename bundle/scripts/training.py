@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .degradation import covered, inplane_pair, inplane_planes, internal_pair
+from .degradation import covered, inplane_pair, inplane_planes, internal_pair, synthesized_mask
 from .losses import WaveletHighFrequencyLoss, cross_view_distillation, memory_losses
 
 LOSS_TERMS = ("int_a", "int_c", "int_s", "cmd_c", "cmd_s", "com", "sep", "total")
@@ -141,8 +141,7 @@ class ICMDIteration:
         """L_a^int on the synthesized axial slices, as axial planes."""
         out, aux = net.axial_view(low)
         out = out[..., : target.shape[-1]]
-        syn = torch.ones(target.shape[-1], dtype=torch.bool, device=target.device)
-        syn[:: self.factor] = False
+        syn = synthesized_mask(target.shape[-1], self.factor, target.device)
         pred = out[..., syn].permute(0, 4, 1, 2, 3).reshape(-1, 1, *out.shape[2:4])
         ref = target[..., syn].permute(0, 4, 1, 2, 3).reshape(-1, 1, *target.shape[2:4])
         return self.internal_loss(pred, ref), aux
@@ -180,8 +179,7 @@ class ICMDIteration:
         terms = {v: volume.new_zeros(()) for v in self.cmd_views}
         for _ in range(stage):
             length = covered(prev["a"].shape[-1] * r, r)  # (Z-1)*r+1 of this level's input
-            syn = torch.ones(length, dtype=torch.bool, device=volume.device)
-            syn[::r] = False
+            syn = synthesized_mask(length, r, volume.device)
             out_a = net.axial_view(prev["a"])[0][..., :length]
             new = {"a": out_a}
             if "c" in self.cmd_views:

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from monai.handlers import PeakSignalToNoiseRatio
 
-from .degradation import inplane_pair, inplane_planes, internal_pair
-from .evaluation import synthesized_mask, to_unit
+from .degradation import inplane_pair, inplane_planes, internal_pair, synthesized_mask
+from .evaluation import to_unit
 from .networks import FUSIONS
 from .training import autocast
 
