@@ -6,6 +6,8 @@ The flow is one-directional, one module per step (as nnU-Net's experiment planni
     integrity.py    fail early: every file exists, is a readable 3-D single-channel CT
     fingerprint.py  facts about the data, no decisions        -> fingerprint.json
     planner.py      decisions from facts, each with a reason  -> plans.json
+                    (from plan_measurements.py: probes on this machine, and plan_memory.py:
+                    the memory model)
     bundle_writer.py the plan written into a MONAI bundle      -> <work>/bundle/
     runner.py       train / predict / evaluate through monai.bundle
     api.py          the Python API; cli.py is the `icmd_auto` command on top of it

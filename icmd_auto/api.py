@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -137,6 +138,7 @@ def train(work: str | Path, restart: bool = False, quiet: bool = False, **overri
     start = time.time()
     code = runner.run_training(bundle, **overrides)
     elapsed = time.time() - start
+    run = _record_run(Path(work).expanduser().absolute(), bundle, start, elapsed, resumed_from)
     if code != 0:
         raise ICMDError(
             f"training failed (exit code {code}); the log above says why. Re-run to resume from the "
@@ -146,6 +148,7 @@ def train(work: str | Path, restart: bool = False, quiet: bool = False, **overri
         "model": str(runner.trained_model(bundle)),
         "seconds": round(elapsed, 1),
         "resumed_from": resumed_from,
+        "run": run,
     }
     metrics = logs / "train_metrics.jsonl"
     if metrics.exists():
@@ -161,6 +164,54 @@ def train(work: str | Path, restart: bool = False, quiet: bool = False, **overri
                 k: last[k] for k in ("key_metric", "best_metric", "best_metric_epoch")
             }
     return summary
+
+
+def _record_run(
+    work: Path, bundle: Path, start: float, seconds: float, resumed_from: str | None
+) -> dict | None:
+    """What this training run did against what the plan planned, appended to plans.json's ``runs``
+    (None where the work folder has no plans.json, e.g. an imported bundle): epochs, iterations and
+    seconds planned and trained; seconds per iteration as the plan counts them (the run's seconds
+    after the planned start-up, over its iterations)."""
+    from .planner import STARTUP_S
+
+    path = work / "plans.json"
+    metrics = bundle / "logs" / "train_metrics.jsonl"
+    if not path.is_file() or not metrics.is_file():
+        return None
+    plans = json.loads(path.read_text())
+    training = plans.get("training", {}).get("value", {})
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("time", 0) >= start]
+    if not training or not records:
+        return None
+    ipe = int(training["iterations_per_epoch"])
+    resumed_epoch = re.search(r"_(\d+)\.pt$", resumed_from or "")
+    first = int(resumed_epoch.group(1)) * ipe if resumed_epoch else 0  # checkpoint_<epoch>.pt
+    iterations = records[-1]["iteration"] - first
+    step = plans.get("seconds_per_iteration", {}).get("value")
+    run = {
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "resumed": bool(resumed_from),
+        "planned": {
+            "epochs": training["epochs"],
+            "iterations": training["epochs"] * ipe,
+            "seconds": training.get("planned_seconds"),
+            "seconds_per_iteration": step,
+            "time_limit_s": training.get("time_limit_s", 0),
+        },
+        "real": {
+            "epochs": records[-1]["epoch"],
+            "iterations": records[-1]["iteration"],
+            "seconds": round(seconds, 1),
+            "seconds_per_iteration": round(max(seconds - STARTUP_S, 0.0) / iterations, 4)
+            if iterations > 0
+            else None,
+        },
+    }
+    plans.setdefault("runs", []).append(run)
+    _write_json(path, plans)
+    return run
 
 
 def _bundle_factor(bundle: Path) -> int:

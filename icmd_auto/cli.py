@@ -112,6 +112,21 @@ def train(work: str, restart: bool = False, **overrides):
         + (f", {terms}" if terms else "")
         + f"\nmodel: {summary['model']}"
     )
+    run = summary.get("run")
+    if run:
+        planned, real = run["planned"], run["real"]
+        per = planned["seconds_per_iteration"]
+        print(
+            f"planned: {planned['epochs']} epochs, {planned['iterations']} iterations"
+            + (f" in {planned['seconds']:.0f} s ({per:.4g} s per iteration)" if planned["seconds"] else "")
+            + f"; trained: {real['epochs']} epochs, {real['iterations']} iterations in {real['seconds']:.0f} s"
+            + (
+                f" ({real['seconds_per_iteration']:.4g} s per iteration)"
+                if real["seconds_per_iteration"]
+                else ""
+            )
+            + " (plans.json 'runs')"
+        )
 
 
 def predict(
@@ -125,6 +140,7 @@ def predict(
     preview: str | bool | None = None,
     series: str | None = None,
     prior: str | None = None,
+    output_dtype: str = "auto",
     **overrides,
 ):
     """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom); for a folder of volumes or a dataset.json INPUT, into the folder OUTPUT (--resume skips cases already done). --preview PNG writes coronal/sagittal views before and after. --series UID takes that series from a DICOM folder holding several. Without --work, the shipped CT prior for the input's factor (--factor R, or its spacing) synthesises it: no plan, no training (zero-shot); --prior DIR takes the priors of DIR (a folder `icmd_auto pretrain` wrote) instead."""
@@ -141,6 +157,7 @@ def predict(
         output_format=output_format,
         preview=preview,
         series=_uids(series),
+        **({"output_dtype": output_dtype} if output_dtype != "auto" else {}),
         **overrides,
     )
     if isinstance(result, dict):
@@ -284,6 +301,111 @@ def _uids(series) -> list[str] | None:
     return [str(s) for s in series] if isinstance(series, (list, tuple)) else [str(series)]
 
 
+def _choices(values) -> str:
+    return " | ".join(str(v) for v in values)
+
+
+def _option_help() -> dict[str, dict[str, str]]:
+    """What each command's options do, with their choices and defaults: `--help` shows it (fire reads
+    a docstring's ``Args:`` section). The choices come from where they are defined."""
+    from .api import OUTPUT_FORMATS
+    from .planner import DEFAULT_RECIPE, PRESETS, RECIPES
+    from .prior import INITS
+    from .template import scripts
+
+    profiles = _choices(scripts.degradation.PROFILES)
+    prior = "a folder `icmd_auto pretrain` wrote, whose priors replace the shipped ones"
+    series = "the SeriesInstanceUID to take from a DICOM folder that holds several series"
+    overrides = "any config key of the bundle, e.g. --icmd#gamma 0.5 (an unknown key is refused)"
+    return {
+        "plan": {
+            "dataset": "the dataset.json (MSD / nnU-Net form; paths relative to it)",
+            "work": "the work folder: fingerprint.json, plans.json and bundle/ are written there",
+            "factor": "the slice factor r, 2..6 (default: from the spacing, or dataset.json's 'factor')",
+            "target_spacing_z": "the target slice spacing in mm, instead of --factor",
+            "slice_profile": f"how thick slices are made from thin ones: {profiles} (default: removal, the paper's)",
+            "preset": f"the network size: {_choices(PRESETS)} (default: small on a CPU, paper on a GPU)",
+            "time_budget_min": "minutes training may take (default on a CPU without --preset/--epochs: 10); the "
+            "schedule is sized to end inside it",
+            "memory_gb": "the memory budget in GB (default: 90% of the GPU, else 25% of the RAM)",
+            "epochs": "epochs to train, without a time budget (default: the preset's)",
+            "seed": "the random seed (default 0)",
+            "recipe": f"the method: {_choices(RECIPES)} (default: {DEFAULT_RECIPE}, the measured best)",
+            "series": series,
+            "seconds_per_iteration": "with a time budget: seconds per iteration instead of measuring them (the "
+            "value an earlier plans.json recorded: the same plan on any machine)",
+            "init": f"where training starts: {_choices(INITS)} (default: scratch)",
+            "threads": "torch's CPU threads for training (default: the timing probe's fastest count)",
+            "prior": prior,
+        },
+        "train": {
+            "work": "the work folder `icmd_auto plan` wrote",
+            "restart": "start over instead of resuming from the last checkpoint (default: resume)",
+            "overrides": overrides,
+        },
+        "predict": {
+            "input": "a NIfTI file, a DICOM series folder, a folder of volumes or a dataset.json",
+            "output": "a .nii.gz file (or a DICOM series folder), or a folder for several inputs",
+            "work": "the work folder of a trained bundle (default: none, the shipped prior, zero-shot)",
+            "factor": "the slice factor r without --work (default: from the input's spacing)",
+            "output_format": f"{_choices(OUTPUT_FORMATS)} (default: nifti)",
+            "overwrite": "replace existing outputs (default: refuse)",
+            "resume": "for several inputs: skip the cases already written (default: off)",
+            "preview": "write a PNG of coronal/sagittal views before and after (a path, or alone: beside the output)",
+            "series": series,
+            "prior": prior,
+            "output_dtype": "the stored type of the output: auto (int16 where the input holds integer HU, "
+            "else float32) or a numpy dtype such as int16 | float32 (default: auto)",
+            "overrides": overrides,
+        },
+        "evaluate": {
+            "work": "the work folder of a trained bundle",
+            "dataset": "a dataset.json whose test images are thin CT (they are thickened for the protocol)",
+            "out": "where the report is written (default: inside the work folder)",
+            "series": series,
+            "overrides": overrides,
+        },
+        "export": {
+            "work": "the work folder of a trained bundle",
+            "out": "the archive to write (.zip)",
+            "torchscript": "also write models/model.ts (default: off)",
+            "report": "the evaluation report whose table the model card shows (default: the latest)",
+            "overwrite": "replace an existing archive (default: refuse)",
+        },
+        "import_bundle": {
+            "archive": "a bundle archive (.zip) `icmd_auto export` wrote",
+            "work": "the work folder to unpack it into",
+            "overwrite": "replace an existing bundle (default: refuse)",
+        },
+        "pretrain": {
+            "preset": f"the network size: {_choices(PRESETS)} (default: small)",
+            "slice_profile": f"{profiles} (default: removal)",
+            "device": "cpu | cuda (default: cuda where a GPU is present)",
+        },
+        "version": {},
+        "demo": {
+            "work": "the folder for the example (default: icmd_demo)",
+            "minutes": "the training time budget (default: 3)",
+        },
+    }
+
+
+GLOBAL_FLAGS = (
+    "Every command also takes --debug (an error shows its traceback instead of one line) and --quiet "
+    "(warnings and errors only, no progress bars)."
+)
+
+
+def _document(command, options: dict[str, str]) -> None:
+    """Give ``command``'s docstring an ``Args:`` section (fire's --help lists it under each flag)
+    and the global flags."""
+    lines = [command.__doc__.strip(), "", GLOBAL_FLAGS, "", "Args:"]
+    for name in inspect.signature(command).parameters:
+        if name in options:
+            lines.append(f"    {name}: {options[name]}")
+    command.__doc__ = "\n".join(lines)
+
+
 COMMANDS = {
     "plan": plan,
     "train": train,
@@ -297,6 +419,9 @@ COMMANDS = {
 }
 
 _QUIET = False
+
+for _name, _options in _option_help().items():
+    _document(COMMANDS["import" if _name == "import_bundle" else _name], _options)
 
 
 def unknown_option(argv: list[str]) -> str | None:

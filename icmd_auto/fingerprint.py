@@ -144,6 +144,21 @@ def pooled_intensity(samples: list[np.ndarray]) -> dict[str, float]:
     return stats
 
 
+def intensity_standardisation(stats: dict) -> dict:
+    """The networks' intensity standardisation from pooled statistics (``pooled_intensity``):
+    nnU-Net's CTNormalization, the clip window at the 0.5 / 99.5 percentiles (``clip_low``,
+    ``clip_high``, HU) and the mean and std of the clipped voxels; ``clip_image`` false (the image
+    keeps its HU beyond the window, only the networks' feature branches are clamped). As the
+    configs' ``intensity`` section, plans.json and a prior's card hold it."""
+    return {
+        "clip_low": stats["p0.5"],
+        "clip_high": stats["p99.5"],
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "clip_image": False,
+    }
+
+
 def intensity_window(intensity: dict) -> tuple[float, float]:
     """The clip window (``clip_low``, ``clip_high`` HU) in standardised units, (HU - mean) / std: what
     the networks' feature branches clamp their input to."""

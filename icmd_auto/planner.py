@@ -1,7 +1,12 @@
 """Experiment planning: decisions from the fingerprint, each with its reason (nnU-Net's planners).
 
 The plan is ``plans.json``: every entry is ``{"value": ..., "reason": "..."}`` so that a person
-can read why each number was chosen, and edit it before generating the bundle again.
+can read why each number was chosen, and edit it before generating the bundle again. Each
+decision is logged as it is made (logger ``icmd_auto.planner``, one line, the reason after it).
+
+This module decides; what it decides from lives apart: the fingerprint (fingerprint.py), the
+measurements on this machine (plan_measurements.py, timing.py: counted FLOPs, timed probes) and
+the memory model (plan_memory.py: bytes of training and prediction, the budget).
 
 Decisions, in order:
     factor r            given (--factor, dataset.json factor / target_spacing_z) or from the
@@ -12,52 +17,63 @@ Decisions, in order:
     patch, batch        the largest that fit the memory budget (measured activation memory); on a
                         GPU the batch doubles while the measured samples/s grow (decide_device_batch)
     cache_on_device     the training volumes cached on the GPU where they fit (crops run there)
+    amp, amp_dtype      SupervisedTrainer's mixed precision: on with CUDA, in bf16 where the GPU
+                        has it; on a CPU only where a bf16 training-step probe is faster (decided
+                        before the timing, which runs in the precision training will use)
     seconds/iteration   with a time budget: given (--seconds_per_iteration, e.g. the value an
-                        earlier plans.json recorded) or from a timing probe on this machine,
-                        recorded with the machine and the raw timings (timing.py: warm-up steps
-                        untimed, the median of synchronised steps, on the training device); the
-                        only decision that depends on its load
+                        earlier plans.json recorded) or measured on this machine: a training step
+                        (timing.py: warm-up steps untimed, the median of synchronised steps, on
+                        the training device) plus what a run spends around it, measured on the
+                        bundle's own training workflow (data loading, handlers, checkpoints,
+                        validation, reading the volumes); recorded with the machine and the raw
+                        timings; the only decision that depends on its load
     threads             torch's CPU threads for training: the count the probe measured fastest
     schedule            epochs, iterations per epoch, distillation level starts; with a time
-                        budget sized from the seconds per iteration
+                        budget sized from the seconds per iteration, so that the cosine schedule
+                        ends (its learning rate annealed) inside the budget
     validation          r thick slices held out at the end of every volume (when the volumes can
                         spare them) and the interval: as often as fits 3% of the training compute
-    amp, amp_dtype      SupervisedTrainer's mixed precision: on with CUDA, in bf16 where the GPU
-                        has it; on a CPU only where a bf16 training-step probe is faster
     plane inference     planes per network call from the memory budget; inference precision
+                        "auto": chosen by the bundle on the machine that predicts
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import plan_measurements as measure
 from .errors import PlanningError
+from .fingerprint import intensity_standardisation
+from .plan_memory import (
+    TRAIN_MEMORY_SAFETY,
+    default_memory_gb,
+    inference_memory_bytes,
+    training_activation_bytes,
+    training_memory_bytes,
+    volume_cache_bytes,
+)
 from .prior import INITS, Prior, available, prior_for
 from .template import scripts
-from .timing import (
-    TIMED_STEPS,
-    WARMUP_STEPS,
-    autocast,
-    conv_probe_seconds,
-    machine_description,
-    probe_training_step,
-    training_device,
-    training_step_timings,
-)
+from .timing import TIMED_STEPS, WARMUP_STEPS, machine_description, training_device
+
+logger = logging.getLogger("icmd_auto.planner")
 
 MIN_FACTOR, MAX_FACTOR = 2, 6
 ANISOTROPY_MIN = 1.5  # below this, thick slices are not thick: nothing to synthesise
 PATCH_XY_CANDIDATES = (256, 192, 128, 96, 64, 48, 32)  # multiples of 8 (G_a's bottleneck)
-TRAIN_MEMORY_SAFETY = 2.0  # measured autograd activations x this = the allowance (optimizer, allocator slack)
-RAM_SHARE = 0.25  # default CPU memory budget: a quarter of the RAM
 # without a GPU, and unless a preset or epochs are given, training is sized to this budget
 # (the benchmark's per-volume budget, docs/RESULTS.md)
 DEFAULT_CPU_BUDGET_MIN = 10.0
-STARTUP_S = 10.0  # of a time budget, the seconds before training starts (imports, caching the volumes)
+# of a time budget, the seconds before training starts (the child process's imports and configs)
+# as the schedule counts them; what is measured beyond this (a slow start-up, reading and caching
+# the volumes: training_costs) is spread over the iterations with the other costs
+STARTUP_S = 10.0
+# of a time budget, the share kept as a margin for the machine's load varying from the measurement's
+BUDGET_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -197,14 +213,6 @@ def decision(value, reason: str) -> dict:
     return {"value": value, "reason": reason}
 
 
-def default_memory_gb() -> tuple[float, str]:
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return round(total * 0.9, 1), f"90% of the GPU's {total:.1f} GB"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return round(ram * RAM_SHARE, 1), f"{int(RAM_SHARE * 100)}% of this machine's {ram:.1f} GB RAM (no GPU)"
-
-
 def decide_factor(fingerprint: dict, options: PlanOptions) -> tuple[int, str]:
     sx, sy, sz = fingerprint["median_spacing"]
     inplane = (sx + sy) / 2
@@ -255,72 +263,20 @@ def check_slices(fingerprint: dict, factor: int) -> None:
         )
 
 
-def build_network(factor: int, preset: Preset, method: dict | None = None) -> torch.nn.Module:
-    method = method or {}
-    return scripts.networks.ICMDNet(
-        factor,
-        views=method.get("views", scripts.networks.VIEWS),
-        fusion=method.get("fusion", "mean3"),
-        axial=preset.axial,
-        planar=preset.planar,
-        share_cs=method.get("share_cs", True),
-        use_memory=method.get("use_memory", True),
-        mem_items=method.get("mem_items", 10),
-        axial_slices=method.get("axial_slices", 2),
+def build_network(factor: int, preset: Preset, method: dict | None = None, **kwargs) -> torch.nn.Module:
+    """The network of a preset and a method (``icmd#...`` values over the bundle's defaults), built
+    by the bundle's own ``ICMDNet.from_config``: the defaults live once, in the bundle."""
+    icmd = {**(method or {}), "factor": factor}
+    return scripts.networks.ICMDNet.from_config(
+        icmd, {"axial": preset.axial, "planar": preset.planar}, **kwargs
     )
 
 
 def build_iteration(factor: int, cmd_planes: int, method: dict | None = None):
-    keys = (
-        "num_levels",
-        "lambda_cmd",
-        "lambda_mem",
-        "cmd_views",
-        "cmd_detach",
-        "pixel_loss",
-        "use_wavelet",
-        "wavelet",
-        "wavelet_weight",
-        "mem_margin",
-        "mem_reduction",
-        "slice_profile",
-        "internal_pairs",
-        "inplane_pairs",
-        "inplane_scale",
-        "internal_planes",
-        "gamma",
+    """The training iteration of a method, built by the bundle's ``ICMDIteration.from_config``."""
+    return scripts.training.ICMDIteration.from_config(
+        {**(method or {}), "factor": factor}, cmd_planes=cmd_planes
     )
-    kwargs = {k: v for k, v in (method or {}).items() if k in keys}
-    return scripts.training.ICMDIteration(factor, cmd_planes=cmd_planes, **kwargs)
-
-
-def flops_per_output_voxel(net: torch.nn.Module, factor: int) -> float:
-    """Inference FLOPs per output voxel, counted by PyTorch's FlopCounterMode on a 64x64x8 volume."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    volume = torch.zeros(1, 1, 64, 64, 8)
-    net.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(volume)
-    return counter.get_total_flops() / (64 * 64 * ((8 - 1) * factor + 1))
-
-
-def training_activation_bytes(net, iteration, patch: list[int], batch: int, stage: int) -> int:
-    """Bytes autograd saves for one training step (measured with saved-tensor hooks)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        if t.layout == torch.strided and t.device.type != "meta":  # dense tensors own a storage
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    volume = torch.zeros(batch, 1, *patch)
-    net.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        terms = net(volume, objective=lambda n, v: iteration.losses(n, v, stage, iteration.gamma))
-    del terms
-    return sum(seen.values())
 
 
 def decide_patch_and_batch(
@@ -338,7 +294,7 @@ def decide_patch_and_batch(
     budget = memory_gb * 2**30
     for xy in fit_xy:
         for batch in range(preset.batch_size, 0, -1):
-            need = per_sample * (xy / ref_xy) ** 2 * batch * TRAIN_MEMORY_SAFETY
+            need = training_memory_bytes(per_sample, ref_xy, xy, batch)
             if need <= budget:
                 reason = (
                     f"largest of {list(fit_xy)} (preset max {preset.max_patch_xy}, smallest case "
@@ -346,10 +302,10 @@ def decide_patch_and_batch(
                     f"measured training activations x{TRAIN_MEMORY_SAFETY:g} ({need / 2**30:.2f} GB) fit "
                     f"the {memory_gb:g} GB budget"
                 )
-                most = int(budget // (per_sample * (xy / ref_xy) ** 2 * TRAIN_MEMORY_SAFETY))
+                most = int(budget // training_memory_bytes(per_sample, ref_xy, xy, 1))
                 return [xy, xy, pz], batch, reason, most
     xy = fit_xy[-1]
-    need = per_sample * (xy / ref_xy) ** 2 * TRAIN_MEMORY_SAFETY
+    need = training_memory_bytes(per_sample, ref_xy, xy, 1)
     raise PlanningError(
         f"the memory budget {memory_gb:g} GB is too small: the smallest patch ({xy}x{xy}x{pz}, batch 1) "
         f"needs about {need / 2**30:.2f} GB; raise --memory_gb or use --preset tiny"
@@ -372,10 +328,7 @@ def decide_device_batch(
     rate = {}
 
     def samples_per_s(b: int) -> float:
-        seconds = statistics.median(
-            training_step_timings(net, iteration, patch, b, stage, device, amp=True, repeats=3)
-        )
-        rate[b] = b / seconds
+        rate[b] = measure.samples_per_second(net, iteration, patch, b, stage, device)
         return rate[b]
 
     best = samples_per_s(batch)
@@ -396,7 +349,7 @@ def decide_cache_on_device(shapes: list, memory_gb: float) -> tuple[bool, str]:
     CACHE_DEVICE_SHARE of the memory budget."""
     if not torch.cuda.is_available():
         return False, "no GPU: the volumes are cached in host memory"
-    need = sum(4.0 * s[0] * s[1] * s[2] for s in shapes)  # float32 after preprocessing
+    need = volume_cache_bytes(shapes)
     fits = need <= CACHE_DEVICE_SHARE * memory_gb * 2**30
     return fits, (
         f"the training volumes take {need / 2**30:.2f} GB as float32, "
@@ -409,53 +362,96 @@ def decide_cache_on_device(shapes: list, memory_gb: float) -> tuple[bool, str]:
     )
 
 
-def decide_seconds_per_iteration(
-    net, iteration, patch, batch, options: PlanOptions, num_levels: int, start_fractions: tuple[float, ...]
-) -> dict:
-    """Seconds per training iteration, the stages weighted by the fraction of training each runs,
-    and the CPU threads training uses.
-
-    Given (``options.seconds_per_iteration``) or measured here (timing.probe_training_step: on the
-    training device, after untimed warm-up steps, the median of several synchronised steps, at
-    the fastest CPU thread count under the present load), rounded to 4 significant digits and
-    recorded with the machine and every raw timing: planning again with the recorded value gives
-    the same plan anywhere.
-    """
-    if options.seconds_per_iteration is not None:
-        seconds = float(options.seconds_per_iteration)
-        if not seconds > 0:
-            raise PlanningError(f"--seconds_per_iteration {seconds:g}: must be a positive number of seconds")
-        return {
-            "value": seconds,
-            "machine": None,
-            "reason": "given (--seconds_per_iteration): no timing probe",
-        }
+def stage_weights(num_levels: int, start_fractions: tuple[float, ...]) -> list[float]:
+    """The fraction of training each stage (active distillation levels 0..N) runs."""
     bounds = [0.0, *start_fractions[:num_levels], 1.0]
-    weights = [max(bounds[i + 1] - bounds[i], 0.0) for i in range(num_levels + 1)]
-    stages = [s for s, w in enumerate(weights) if w > 0]
-    probe = probe_training_step(
-        net, iteration, patch, batch, stages, amp=torch.cuda.is_available(), threads=options.threads
+    return [max(bounds[i + 1] - bounds[i], 0.0) for i in range(num_levels + 1)]
+
+
+def measure_step(
+    net, iteration, patch, batch, options: PlanOptions, num_levels: int, start_fractions, amp: bool
+) -> dict:
+    """A training step's seconds, the stages weighted by the fraction of training each runs, at the
+    fastest CPU thread count under the present load, in the precision training uses (``amp``).
+    Stage ``num_levels`` is always timed: the run probe (training_run_costs) trains at it."""
+    weights = stage_weights(num_levels, start_fractions)
+    stages = sorted({s for s, w in enumerate(weights) if w > 0} | {num_levels})
+    logger.info(
+        "measuring: a training step (stages %s, %s) at %s CPU threads ...",
+        stages,
+        "bf16 autocast" if amp and not torch.cuda.is_available() else "amp" if amp else "float32",
+        options.threads or "each candidate count of",
     )
+    probe = measure.step_seconds(net, iteration, patch, batch, stages, amp, options.threads)
     per_stage = probe["per_stage"]
-    mean = sum(weights[s] * t for s, t in per_stage.items()) / sum(weights[s] for s in per_stage)
-    timing = ", ".join(f"stage {s}: {t:.3g} s" for s, t in per_stage.items())
-    threads = probe["threads"] or 0
+    timed = [s for s in per_stage if weights[s] > 0]
+    probe["step"] = sum(weights[s] * per_stage[s] for s in timed) / sum(weights[s] for s in timed)
+    return probe
+
+
+def training_costs(step: dict, run: dict, num_levels: int, shapes: list, probe_shape: list) -> dict:
+    """Seconds of a training run's parts, from the step probe and the run probe (one case):
+    ``iteration`` the step plus what the real loop adds per iteration (data loading, handlers),
+    ``epoch`` an epoch's end (checkpoint), ``validation`` one validation of all cases (the probe's
+    scaled by their held-out area), ``load`` reading and caching all cases (scaled by voxels) and
+    ``startup`` the training process's imports beyond the STARTUP_S the schedule counts."""
+    area = lambda s: s[0] * s[1]  # noqa: E731
+    voxels = lambda s: s[0] * s[1] * s[2]  # noqa: E731
+    beyond = max(run["iteration"] - step["per_stage"][num_levels], 0.0)
+    return {
+        "step": step["step"],
+        "beyond_step": beyond,
+        "iteration": step["step"] + beyond,
+        "epoch": run["epoch"],
+        "validation": run["validation"] * sum(area(s) for s in shapes) / area(probe_shape),
+        "load": run["load"] * sum(voxels(s) for s in shapes) / voxels(probe_shape),
+        "startup": max(run["startup"] - STARTUP_S, 0.0),
+    }
+
+
+def run_seconds(costs: dict, epochs: int, iterations: int, validations: int) -> float:
+    """Seconds of a training run after its start-up, from its parts (training_costs)."""
+    return (
+        costs["startup"]
+        + costs["load"]
+        + costs["iteration"] * iterations
+        + costs["epoch"] * epochs
+        + costs["validation"] * validations
+    )
+
+
+def seconds_per_iteration_decision(
+    options: PlanOptions, step: dict | None, costs: dict | None, value: float
+) -> dict:
+    """plans.json's ``seconds_per_iteration``: the run's seconds per iteration with everything an
+    epoch costs beyond the step spread over the iterations, recorded with the machine and every raw
+    timing (or given); planning again with the value gives the same plan anywhere."""
+    if step is None:
+        return {"value": value, "machine": None, "reason": "given (--seconds_per_iteration): no timing probe"}
+    threads = step["threads"] or 0
     on = (
-        f"{probe['device']}"
+        f"{step['device']}"
         if threads == 0
         else f"the CPU with {threads} thread{'s' * (threads > 1)}, the fastest of "
-        f"{', '.join(probe['timings'])} threads under this machine's present load"
+        f"{', '.join(step['timings'])} threads under this machine's present load"
     )
+    stages = ", ".join(f"stage {s}: {t:.3g} s" for s, t in step["per_stage"].items())
     return {
-        "value": float(f"{mean:.4g}"),
+        "value": value,
         "machine": machine_description(),
         "threads": threads,
-        "timings": {"warmup_steps": WARMUP_STEPS, "seconds": probe["timings"]},
+        "costs": {k: round(v, 4) for k, v in costs.items()},
+        "timings": {"warmup_steps": WARMUP_STEPS, "seconds": step["timings"]},
         "reason": (
-            f"timing probe on {on}: median of {TIMED_STEPS} synchronised steps after {WARMUP_STEPS} untimed "
-            f"warm-up steps ({timing}; the stages weighted by the fraction of training each runs; every step's "
-            "seconds in 'timings'); plan again with --seconds_per_iteration VALUE --threads N for the same plan "
-            "without measuring (a busy machine measures more seconds and would plan fewer iterations)"
+            f"a training step {costs['step']:.3g} s (timing probe on {on}: median of {TIMED_STEPS} synchronised steps "
+            f"after {WARMUP_STEPS} untimed warm-up steps; {stages}; the stages weighted by the fraction of training "
+            f"each runs; every step's seconds in 'timings') + {costs['beyond_step']:.3g} s the real loop adds per "
+            f"iteration (data loading, handlers) + per run {costs['startup']:.3g} s start-up beyond {STARTUP_S:g} s "
+            f"and {costs['load']:.3g} s reading the volumes, "
+            f"{costs['epoch']:.3g} s per epoch's end (checkpoint) and {costs['validation']:.3g} s per validation, "
+            "spread over the iterations (measured on two short epochs of the bundle's own training workflow, "
+            "'costs'); plan again with --seconds_per_iteration VALUE --threads N for the same plan without "
+            "measuring (a busy machine measures more seconds and would plan fewer iterations)"
         ),
     }
 
@@ -487,27 +483,30 @@ def decide_schedule(
     step_seconds: float | None,
 ) -> tuple[dict, str]:
     """Epochs, iterations per epoch, level starts and the time limit (``step_seconds``: see
-    decide_seconds_per_iteration; needed with a time budget)."""
+    seconds_per_iteration_decision; needed with a time budget). The learning rate follows a cosine
+    over all planned iterations, so a run that trains them all ends annealed."""
     ipe = preset.iterations_per_epoch
+    planned = None
     if options.time_budget_min is None:
         epochs = options.epochs or preset.epochs
         reason = f"preset {preset.name!r}: {epochs} epochs of {ipe} iterations"
         time_limit = 0
     else:
         budget_s = options.time_budget_min * 60
-        # startup (imports, caching volumes: ~10 s on 2 cores) is not training time; 5% is kept for
-        # validation and checkpoints (benchmarks/probe.py: the training this plans, docs/PERFORMANCE.md)
-        usable = max(budget_s * 0.95 - STARTUP_S, budget_s * 0.5)
+        usable = training_seconds(budget_s)
         iterations = max(int(usable / step_seconds), 1)
         # epochs of about the preset's length (of about 10 for short budgets), the iterations spread
         # over them: the whole count is trained, not its round-down to whole preset epochs
         epochs = max(round(iterations / ipe), 1) if iterations >= 2 * ipe else max(iterations // 10, 1)
         ipe = max(iterations // epochs, 1)
         time_limit = int(budget_s)
+        planned = round(STARTUP_S + epochs * ipe * step_seconds, 1)
         reason = (
-            f"time budget {options.time_budget_min:g} min: {step_seconds:.4g} s per iteration (see "
-            f"seconds_per_iteration) give {iterations} iterations in {usable:.0f} s of training -> {epochs} "
-            f"epochs of {ipe}; a TimeLimit handler stops at {time_limit} s (the weights at the stop are validated too, see validation)"
+            f"time budget {options.time_budget_min:g} min, of which {STARTUP_S:g} s start-up and a "
+            f"{BUDGET_MARGIN:.0%} margin: {step_seconds:.4g} s per iteration (see seconds_per_iteration: the step and "
+            f"what an epoch costs beyond it) give {iterations} iterations in {usable:.0f} s of training -> {epochs} "
+            f"epochs of {ipe}, planned to end after {planned:g} s with the cosine learning rate annealed; a "
+            f"TimeLimit handler stops at {time_limit} s (the weights at the stop are validated too, see validation)"
         )
     level_start_epochs = [int(round(f * epochs)) for f in start_fractions[:num_levels]]
     value = {
@@ -517,7 +516,23 @@ def decide_schedule(
         "learning_rate": preset.learning_rate * (WARM_START_LR_SHARE if options.init == "prior" else 1.0),
         "time_limit_s": time_limit,
     }
+    if planned is not None:
+        value["planned_seconds"] = planned
     return value, reason + f"; distillation level n starts after {level_start_epochs} epochs"
+
+
+def training_seconds(budget_s: float) -> float:
+    """Of a time budget, the seconds training may take: less the start-up and the margin."""
+    return max(budget_s * (1 - BUDGET_MARGIN) - STARTUP_S, budget_s * 0.5)
+
+
+def validation_count(epochs: int, validation: dict) -> int:
+    """Validations in a run: every ``interval`` epochs, and once more at the end when the last epoch
+    was not validated (FinalValidation); none without held-out slices."""
+    if not validation["holdout_slices"]:
+        return 0
+    interval = validation["interval"]
+    return epochs // interval + (1 if epochs % interval else 0)
 
 
 # Self-supervised validation (scripts/validation.py): the share of training compute it may take
@@ -546,31 +561,14 @@ def decide_holdout(min_slices: int, factor: int) -> tuple[int, str]:
     )
 
 
-def training_step_flops(net, iteration, patch: list[int], batch: int, stage: int) -> float:
-    """FLOPs of one training step (forward and backward), counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    net.train()
-    with FlopCounterMode(display=False) as counter:
-        terms = net(
-            torch.zeros(batch, 1, *patch),
-            objective=lambda n, v: iteration.losses(n, v, stage, iteration.gamma),
-        )
-        terms["total"].backward()
-    net.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
-
-
-def validation_flops(net, validation, shape: list[int]) -> float:
-    """FLOPs of validating one volume's held-out slices, (X, Y, h + 1), counted as above."""
-    from types import SimpleNamespace
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    engine = SimpleNamespace(state=SimpleNamespace(device=torch.device("cpu")), network=net, amp=False)
-    with FlopCounterMode(display=False) as counter:
-        validation(engine, {"image": torch.zeros(1, 1, *shape)})
-    return float(counter.get_total_flops())
+def validation_steps(
+    net, iteration, validation, patch, batch, stage: int, shapes: list, holdout: int
+) -> float:
+    """One validation of every case's held-out slices in training steps: counted FLOPs over a step's."""
+    largest = max(shapes, key=lambda s: s[0] * s[1])
+    area = sum(s[0] * s[1] for s in shapes) / (largest[0] * largest[1])
+    per_validation = measure.validation_flops(net, validation, [largest[0], largest[1], holdout + 1]) * area
+    return per_validation / measure.training_step_flops(net, iteration, patch, batch, stage)
 
 
 def decide_validation(
@@ -584,18 +582,17 @@ def decide_validation(
     holdout: int,
     holdout_reason: str,
     schedule: dict,
+    steps: float | None = None,
 ) -> tuple[dict, str]:
     """How often to validate: as often as fits VALIDATION_SHARE of the training compute, at most every epoch.
 
-    One validation's cost is counted in training steps (FLOPs of validating every case's held-out
-    slices over FLOPs of one training step), so the share holds for any time budget and machine.
+    One validation's cost is counted in training steps (``steps``: validation_steps, counted here
+    when not given), so the share holds for any time budget and machine.
     """
     if holdout == 0:
         return {"holdout_slices": 0, "interval": 1}, holdout_reason
-    largest = max(shapes, key=lambda s: s[0] * s[1])
-    area = sum(s[0] * s[1] for s in shapes) / (largest[0] * largest[1])
-    per_validation = validation_flops(net, validation, [largest[0], largest[1], holdout + 1]) * area
-    steps = per_validation / training_step_flops(net, iteration, patch, batch, stage)
+    if steps is None:
+        steps = validation_steps(net, iteration, validation, patch, batch, stage, shapes, holdout)
     epochs, iterations = schedule["epochs"], schedule["epochs"] * schedule["iterations_per_epoch"]
     count = max(1, min(epochs, int(VALIDATION_SHARE * iterations / steps)))
     interval = -(-epochs // count)
@@ -630,7 +627,7 @@ def decide_amp(net, iteration, patch: list[int], stage: int, cuda: bool) -> tupl
         return True, "CUDA: autocast (tensor cores, half the activation memory), see amp_dtype"
     # a plain conv probe first (a fraction of a second): where bf16 convolutions are not faster, a
     # training step cannot be, and the step probe below (minutes where bf16 is slow) is skipped
-    fp32_conv, bf16_conv = conv_probe_seconds(None), conv_probe_seconds(torch.bfloat16)
+    fp32_conv, bf16_conv = measure.conv_probe_seconds(None), measure.conv_probe_seconds(torch.bfloat16)
     if bf16_conv * AMP_MIN_SPEEDUP > fp32_conv:
         return False, (
             f"float32: a 3x3-conv probe ran in {bf16_conv * 1e3:.0f} ms with bf16 autocast against "
@@ -638,22 +635,9 @@ def decide_amp(net, iteration, patch: list[int], stage: int, cuda: bool) -> tupl
             "On CUDA the bundle's default is on"
         )
     probe = [min(patch[0], AMP_PROBE_XY), min(patch[1], AMP_PROBE_XY), patch[2]]  # the ratio is what counts
-    volume = torch.randn(1, 1, *probe, generator=torch.Generator().manual_seed(0))
-    losses = []
-    for amp in (False, True):
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)  # the same planes drawn both times
-            with autocast(torch.device("cpu"), amp):
-                terms = net(volume, objective=lambda n, v: iteration.losses(n, v, stage, iteration.gamma))
-            losses.append(float(terms["total"]))
-    difference = abs(losses[1] - losses[0]) / max(abs(losses[0]), 1e-12)
-    fp32 = bf16 = float("inf")
-    cpu = torch.device("cpu")
-    for _ in range(AMP_PROBE_ROUNDS):  # interleaved, the best of each: a busy machine slows both alike
-        fp32 = min(fp32, *training_step_timings(net, iteration, probe, 1, stage, cpu, warmup=1, repeats=1))
-        bf16 = min(
-            bf16, *training_step_timings(net, iteration, probe, 1, stage, cpu, amp=True, warmup=1, repeats=1)
-        )
+    logger.info("measuring: a training step in float32 and with bf16 autocast ...")
+    timed = measure.precision_probe(net, iteration, probe, stage, AMP_PROBE_ROUNDS)
+    fp32, bf16, difference = timed["fp32"], timed["bf16"], timed["loss_difference"]
     measured = (
         f"a training step (batch 1, patch {probe[0]}x{probe[1]}x{probe[2]}, best of {AMP_PROBE_ROUNDS}) took {bf16:.3g} s with bf16 autocast against {fp32:.3g} s in "
         f"float32 on this CPU ({fp32 / bf16:.2g}x), its loss differed by {difference:.2%}"
@@ -666,10 +650,6 @@ def decide_amp(net, iteration, patch: list[int], stage: int, cuda: bool) -> tupl
     )
 
 
-# Peak memory of plane-wise inference (scripts/inferers.py). As for training, the budget is for the
-# data: the process itself (torch, MONAI, the network) adds ~0.7 GB.
-OUTPUT_BYTES_PER_VOXEL = 6  # the float32 synthesis, then its copy in the stored dtype (int16) when written
-INPUT_BYTES_PER_VOXEL = 12  # the loaded volume, its HU copy (known slices) and the standardised float32
 # planes per network call. A fixed number (not "as many as fit"): every call holds exactly this many
 # planes (ICMDNet.synthesize pads the last), so the output is bit-identical under any memory budget
 # that holds it. On this CPU (2 cores, 512 x 100 planes) 1 or 2 planes per call ran 0.23 s a plane,
@@ -677,33 +657,6 @@ INPUT_BYTES_PER_VOXEL = 12  # the loaded volume, its HU copy (known slices) and 
 # op; a GPU needs more work per call
 PLANE_CHUNK = 2
 PLANE_CHUNK_GPU = 64
-
-
-def plane_feature_maps(planar: dict, factor: int) -> int:
-    """Width-channel maps of G_c/G_s alive at once per plane pixel: the head, each group's output
-    and its copy in the layer attention's stack, the attention's output, the body (the ``han``
-    upsampler adds r maps for its shuffled width*r channels)."""
-    maps = 2 * int(planar.get("groups", 2)) + 4
-    return maps + (2 * factor if planar.get("upsampler", "espcn") == "han" else 0)
-
-
-def inference_memory_bytes(
-    shape: list[int], factor: int, plane_chunk: int, planar: dict, axial: dict | None
-) -> float:
-    """Estimated peak memory (beyond the process's own) of predicting a volume ``shape`` (X, Y, Z)
-    with ``plane_chunk`` whole planes per network call.
-
-    The volume part: the output (float32 at (Z-1)*r+1 slices, then its stored-dtype copy) and
-    the input's copies. The chunk part: ``plane_chunk`` planes of G_c/G_s feature maps
-    (the largest plane, X or Y by Z) or of G_a's (two X x Y slices at quarter width on average).
-    """
-    x, y, z = (int(s) for s in shape)
-    z_out = (z - 1) * factor + 1
-    volume = OUTPUT_BYTES_PER_VOXEL * x * y * z_out + INPUT_BYTES_PER_VOXEL * x * y * z
-    planes = 4.0 * max(x, y) * z * int(planar["width"]) * plane_feature_maps(planar, factor)
-    if axial is not None:
-        planes = max(planes, 4.0 * x * y * max(int(axial["width"]) // 2, 8) * 4)
-    return volume + plane_chunk * planes
 
 
 def decide_plane_inference(
@@ -735,23 +688,25 @@ def decide_plane_inference(
         else f"{chunk} planes per network call, the most that fit (fewer than the usual {preferred}: the output "
         "may differ from a run with more memory by float rounding)"
     )
-    amp, amp_reason = decide_inference_precision(cuda)
     reason = (
         f"whole planes (no window overlap, nothing computed twice): {fits}; estimated peak {need / 2**30:.2f} GB "
         f"for the largest case ({x}x{y}x{z}) within "
-        f"{memory_gb:g} GB (plus the process, about 0.7 GB); precision: {amp_reason}"
+        f"{memory_gb:g} GB (plus the process, about 0.7 GB); precision 'auto': chosen where the bundle predicts, "
+        "at run time (bf16 autocast on CUDA; on a CPU only where a 3x3-conv probe finds bf16 faster: CPUs differ, "
+        "and an exported bundle must not keep the planning CPU's choice)"
     )
-    return {"plane_chunk": chunk, "amp": amp, "channels_last": True}, reason
+    return {"plane_chunk": chunk, "amp": "auto", "channels_last": True}, reason
 
 
 def decide_inference_precision(cuda: bool) -> tuple[str, str]:
-    """bf16 autocast on CUDA; on a CPU only where a probe finds it faster than float32."""
+    """bf16 autocast on CUDA; on a CPU only where a probe finds it faster than float32 (for
+    pretraining on this machine; a bundle decides its own at run time, ``amp: "auto"``)."""
     if cuda:
         return "bf16", (
             "bf16 autocast on CUDA (tensor cores); its synthesized-slice PSNR change is in docs/PERFORMANCE.md"
         )
-    fp32, bf16 = conv_probe_seconds(None), conv_probe_seconds(torch.bfloat16)
-    if bf16 < 0.8 * fp32:
+    fp32, bf16 = measure.conv_probe_seconds(None), measure.conv_probe_seconds(torch.bfloat16)
+    if bf16 < scripts.inferers.BF16_MAX_TIME_SHARE * fp32:
         return (
             "bf16",
             f"bf16 autocast: a 3x3-conv probe ran {fp32 / bf16:.1f}x faster than float32 on this CPU",
@@ -824,35 +779,75 @@ def decide_init(factor: int, recipe: str, method: dict, options: PlanOptions) ->
     )
 
 
+class Plan(dict):
+    """plans.json's content as it is decided: every decision (``{"value", "reason"}``) set on it is
+    logged at once, one line, the reason after it (its first clause; plans.json keeps it whole)."""
+
+    def __setitem__(self, key: str, entry) -> None:
+        super().__setitem__(key, entry)
+        if isinstance(entry, dict) and "value" in entry and "reason" in entry:
+            logger.info("%s: %s (%s)", key, _brief(entry["value"]), _brief_reason(entry["reason"]))
+
+
+def _brief(value) -> str:
+    text = str(value) if not isinstance(value, dict) else ", ".join(f"{k} {v}" for k, v in value.items())
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _brief_reason(reason: str) -> str:
+    first = reason.split("; ")[0]
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def probe_values(
+    plan: dict, method: dict, preset: Preset, num_levels: int, case: dict, options: PlanOptions
+) -> dict:
+    """The config values the run probe (plan_measurements.training_run_costs) trains with: the plan's
+    so far, on one case, every distillation level on from the start (the stage the step probe times)."""
+    return {
+        "icmd": {
+            **method,
+            "factor": plan["factor"]["value"],
+            "level_start_epochs": [0] * num_levels,
+            "cmd_planes": preset.cmd_planes,
+        },
+        "intensity": plan["intensity"]["value"],
+        "architecture": {"axial": preset.axial, "planar": preset.planar},
+        "patch_size": plan["patch_size"]["value"],
+        "batch_size": plan["batch_size"]["value"],
+        "learning_rate": preset.learning_rate,
+        "validation": {"holdout_slices": plan["holdout"], "interval": 1},
+        "amp": plan["amp"]["value"],
+        "amp_dtype": plan["amp_dtype"]["value"],
+        "cache_on_device": plan["cache_on_device"]["value"],
+        "datalist": [case["image"]],
+        "dicom_series": [case["series"]] if case.get("series") else None,
+        "seed": options.seed,
+    }
+
+
 def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
-    """All decisions, as the content of plans.json."""
+    """All decisions, as the content of plans.json (each logged as it is made)."""
+    logger.info("planning %s: %d case(s)", fingerprint["dataset"], len(fingerprint["cases"]))
     factor, factor_reason = decide_factor(fingerprint, options)
     check_slices(fingerprint, factor)
     sx, sy, sz = fingerprint["median_spacing"]
     target_z = sz / factor
     intensity = fingerprint["intensity"]
-    plan: dict = {
-        "dataset": fingerprint["dataset"],
-        "factor": decision(factor, factor_reason),
-        "target_spacing_z": decision(round(target_z, 6), f"median z-spacing {sz:.4g} mm / r"),
-        "slice_profile": decision(
-            options.slice_profile or "removal",
-            "given" if options.slice_profile else "the paper's protocol (keep every r-th slice)",
-        ),
-        "intensity": decision(
-            {
-                "clip_low": intensity["p0.5"],
-                "clip_high": intensity["p99.5"],
-                "mean": intensity["mean"],
-                "std": intensity["std"],
-                "clip_image": False,
-            },
-            "nnU-Net's CTNormalization statistics: the dataset's pooled 0.5/99.5 percentiles and the clipped "
-            "mean/std; raw HU in [0, 1] made a residual CNN collapse to the identity (DESIGN 3). The window bounds "
-            "what the networks' feature branches see; the image itself is not clipped (clip_image false), so bone "
-            "and metal beyond the 99.5th percentile keep their HU instead of being cut (docs/RESULTS.md)",
-        ),
-    }
+    plan = Plan(dataset=fingerprint["dataset"])
+    plan["factor"] = decision(factor, factor_reason)
+    plan["target_spacing_z"] = decision(round(target_z, 6), f"median z-spacing {sz:.4g} mm / r")
+    plan["slice_profile"] = decision(
+        options.slice_profile or "removal",
+        "given" if options.slice_profile else "the paper's protocol (keep every r-th slice)",
+    )
+    plan["intensity"] = decision(
+        intensity_standardisation(intensity),
+        "nnU-Net's CTNormalization statistics: the dataset's pooled 0.5/99.5 percentiles and the clipped "
+        "mean/std (fingerprint.intensity_standardisation; bundle/docs/README.md, 'Intensity'). The window bounds "
+        "what the networks' feature branches see; the image itself is not clipped (clip_image false), so bone "
+        "and metal beyond the 99.5th percentile keep their HU instead of being cut (docs/RESULTS.md)",
+    )
     inplane = (sx + sy) / 2
     plan["inplane_scale"] = decision(
         round(inplane / target_z, 6),
@@ -896,7 +891,7 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
             "pretraining set (nnU-Net's CTNormalization statistics there)",
         )
     net = build_network(factor, preset, method)
-    flops = flops_per_output_voxel(net, factor)
+    flops = measure.flops_per_output_voxel(net, factor)
     plan["preset"] = decision(preset.name, f"{preset_reason}; {preset.description}")
     plan["architecture"] = decision(
         {"axial": preset.axial, "planar": preset.planar},
@@ -934,16 +929,14 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
         "coronal/sagittal planes per patch distilled per level "
         f"(preset {preset.name!r}), bounds the cost of level 2",
     )
+    cuda = torch.cuda.is_available()
+    # the precision first: the timing below measures the steps training will run
+    if options.trains:
+        plan["amp"] = decision(*decide_amp(net, iteration, patch, num_levels, cuda))
+    else:  # zero-shot: the bundle predicts with the prior and is never trained; no training probes
+        plan["amp"] = decision(cuda, "the bundle's default: the plan is for inference only (zero-shot)")
+    plan["amp_dtype"] = decision(*decide_amp_dtype(cuda, cuda and torch.cuda.is_bf16_supported()))
     start_fractions = tuple(method.pop("level_start_fractions", (0.0, 0.0)))
-    step_seconds = None
-    if options.time_budget_min is not None:
-        plan["seconds_per_iteration"] = decide_seconds_per_iteration(
-            net, iteration, patch, batch, options, num_levels, start_fractions
-        )
-        step_seconds = plan["seconds_per_iteration"]["value"]
-    plan["threads"] = decision(*decide_threads(plan.get("seconds_per_iteration"), options))
-    schedule, schedule_reason = decide_schedule(preset, options, num_levels, start_fractions, step_seconds)
-    plan["training"] = decision(schedule, schedule_reason)
     validation = scripts.validation.SelfSupervisedValidation(
         factor,
         method.get("fusion", "mean3"),
@@ -952,7 +945,61 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
         method["slice_profile"],
         method["inplane_scale"],
     )
-    cuda = torch.cuda.is_available()
+    val_steps = None
+    if options.trains and holdout:
+        val_steps = validation_steps(net, iteration, validation, patch, batch, num_levels, shapes, holdout)
+
+    def validations_in(schedule: dict) -> int:
+        value, _ = decide_validation(
+            net,
+            iteration,
+            validation,
+            patch,
+            batch,
+            num_levels,
+            shapes,
+            holdout,
+            holdout_reason,
+            schedule,
+            val_steps,
+        )
+        return validation_count(schedule["epochs"], value)
+
+    step_seconds, step = None, None
+    if options.time_budget_min is not None:
+        if options.seconds_per_iteration is not None:
+            step_seconds = float(options.seconds_per_iteration)
+            if not step_seconds > 0:
+                raise PlanningError(
+                    f"--seconds_per_iteration {step_seconds:g}: must be a positive number of seconds"
+                )
+            costs = None
+        else:
+            step = measure_step(
+                net, iteration, patch, batch, options, num_levels, start_fractions, plan["amp"]["value"]
+            )
+            case = min(fingerprint["cases"], key=lambda c: c["shape"][0] * c["shape"][1] * c["shape"][2])
+            logger.info(
+                "measuring: two short epochs of the bundle's training on %s ...",
+                os.path.basename(case["image"]),
+            )
+            run = measure.training_run_costs(
+                probe_values({**plan, "holdout": holdout}, method, preset, num_levels, case, options),
+                step["threads"],
+            )
+            costs = training_costs(step, run, num_levels, shapes, case["shape"])
+            # the run's seconds per iteration: what an epoch costs beyond the step spread over the
+            # iterations of the schedule it sizes (a fixed point: fewer iterations carry more of it)
+            step_seconds = costs["iteration"] + costs["epoch"] / preset.iterations_per_epoch
+            for _ in range(3):
+                schedule, _ = decide_schedule(preset, options, num_levels, start_fractions, step_seconds)
+                epochs, iterations = schedule["epochs"], schedule["epochs"] * schedule["iterations_per_epoch"]
+                step_seconds = run_seconds(costs, epochs, iterations, validations_in(schedule)) / iterations
+            step_seconds = float(f"{step_seconds:.4g}")
+        plan["seconds_per_iteration"] = seconds_per_iteration_decision(options, step, costs, step_seconds)
+    plan["threads"] = decision(*decide_threads(plan.get("seconds_per_iteration"), options))
+    schedule, schedule_reason = decide_schedule(preset, options, num_levels, start_fractions, step_seconds)
+    plan["training"] = decision(schedule, schedule_reason)
     if options.trains:
         plan["validation"] = decision(
             *decide_validation(
@@ -966,23 +1013,21 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
                 holdout,
                 holdout_reason,
                 schedule,
+                val_steps,
             )
         )
-        plan["amp"] = decision(*decide_amp(net, iteration, patch, num_levels, cuda))
-    else:  # zero-shot: the bundle predicts with the prior and is never trained; no training probes
+    else:
         plan["validation"] = decision(
             {"holdout_slices": holdout, "interval": 1},
             f"{holdout_reason}; the interval is not sized: the plan is for inference only (zero-shot)",
         )
-        plan["amp"] = decision(cuda, "the bundle's default: the plan is for inference only (zero-shot)")
-    plan["amp_dtype"] = decision(*decide_amp_dtype(cuda, cuda and torch.cuda.is_bf16_supported()))
     inference, inference_reason = decide_plane_inference(
         preset.planar,
         preset.axial if "a" in method.get("views", scripts.networks.VIEWS) else None,
         factor,
         max_shape,
         memory_gb,
-        torch.cuda.is_available(),
+        cuda,
     )
     plan["plane_inference"] = decision(inference, inference_reason)
     plan["method"] = decision(
@@ -992,4 +1037,4 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
     )
     plan["seed"] = decision(options.seed, "given" if options.seed else "default")
     plan["preset_values"] = asdict(preset)
-    return plan
+    return dict(plan)

@@ -56,7 +56,13 @@ import torch
 
 from .dataset import read_dataset_json
 from .errors import ICMDError
-from .fingerprint import CaseReadError, intensity_window, pooled_intensity, sample_voxels
+from .fingerprint import (
+    CaseReadError,
+    intensity_standardisation,
+    intensity_window,
+    pooled_intensity,
+    sample_voxels,
+)
 from .integrity import DatasetIntegrityError, check_image
 from .planner import PRESETS, RECIPES, build_iteration, build_network, decide_inference_precision
 from .template import scripts
@@ -196,16 +202,11 @@ def load_volumes(
 
 def intensity_statistics(volumes: dict[str, Volume]) -> dict:
     """The planner's intensity standardisation (nnU-Net's CTNormalization: pooled 0.5 / 99.5
-    percentiles, clipped mean and std, ``fingerprint.pooled_intensity``) over the pretraining set,
-    as the card and a warm start's bundle store it."""
-    stats = pooled_intensity([sample_voxels(v.array, seed=i) for i, v in enumerate(volumes.values())])
-    return {
-        "clip_low": stats["p0.5"],
-        "clip_high": stats["p99.5"],
-        "mean": stats["mean"],
-        "std": stats["std"],
-        "clip_image": False,
-    }
+    percentiles, clipped mean and std: ``fingerprint.intensity_standardisation``) over the
+    pretraining set, as the card and a warm start's bundle store it."""
+    return intensity_standardisation(
+        pooled_intensity([sample_voxels(v.array, seed=i) for i, v in enumerate(volumes.values())])
+    )
 
 
 def validation_slab(depth: int, factor: int) -> tuple[int, int]:

@@ -12,7 +12,8 @@ here, as nnU-Net keeps its experiment planners apart from the fingerprint and th
                             one other busy process, 2 threads ran a step ~10x slower than 1), so the
                             probe measures under the load training will see and the fastest count
                             is what training uses
-    conv_probe_seconds      a 3x3-conv stack in float32 and bf16 (is bf16 worth trying on this CPU)
+    conv_probe_seconds      a 3x3-conv stack in float32 and bf16 (is bf16 worth trying on this CPU;
+                            the bundle's scripts.inferers.conv_probe_seconds)
     machine_description     the machine a timing was measured on, as plans.json records it
 """
 
@@ -26,6 +27,8 @@ import statistics
 import time
 
 import torch
+
+from .template import scripts
 
 WARMUP_STEPS = 2  # untimed: the first steps pay one-off costs (allocator, CUDA context, cuDNN autotuning)
 TIMED_STEPS = 5  # timed; the median is the step time (robust to one interrupted step)
@@ -158,16 +161,5 @@ def probe_training_step(
     }
 
 
-def conv_probe_seconds(dtype: torch.dtype | None, repeats: int = 3) -> float:
-    """Best wall time of a small 32-channel 3x3 conv stack in channels-last (the planar networks' work)."""
-    convs = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(2)]).eval()
-    convs = convs.to(memory_format=torch.channels_last)
-    x = torch.randn(4, 32, 128, 32).contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    best = float("inf")
-    with torch.inference_mode(), autocast:
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            convs(x)
-            best = min(best, time.perf_counter() - start)
-    return best
+# the bundle's probe (its inferer decides bf16 with it on the machine that predicts); one definition
+conv_probe_seconds = scripts.inferers.conv_probe_seconds

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 from conftest import CHEST, REPO, requires_shared_data, run_cli, run_main, write_dataset
 from monai.bundle import ConfigParser
 
-from icmd_auto import api, planner, timing
+from icmd_auto import api, plan_measurements, planner, timing
 from icmd_auto.dataset import read_dataset_json
 from icmd_auto.errors import PlanningError
 from icmd_auto.fingerprint import dataset_fingerprint
@@ -174,12 +175,25 @@ def _timing(seconds: float):
     )
 
 
+def _run_costs(seconds: float):
+    """plan_measurements.training_run_costs on a machine where an iteration of the real loop costs
+    just its step (``seconds``) and nothing else costs time."""
+    return lambda values, threads: {
+        "startup": 0.0,
+        "load": 0.0,
+        "iteration": seconds,
+        "epoch": 0.0,
+        "validation": 0.0,
+    }
+
+
 def test_recorded_seconds_per_iteration_give_the_same_plan_on_a_busy_machine(tmp_path, monkeypatch, capfd):
     path = tmp_path / "thick.nii.gz"
     save_nifti(ct_phantom((48, 48, 12), (1.0, 1.0, 3.0)), (1.0, 1.0, 3.0), str(path))
     dataset = write_dataset(tmp_path / "dataset.json", [path])
     options = {"preset": "tiny", "memory_gb": 2, "time_budget_min": 1}
     monkeypatch.setattr(timing, "training_step_timings", _timing(0.01))
+    monkeypatch.setattr(plan_measurements, "training_run_costs", _run_costs(0.01))
     idle = api.plan(dataset, tmp_path / "idle", **options)
     recorded = idle["seconds_per_iteration"]
     assert recorded["value"] == 0.01 and recorded["machine"] == timing.machine_description()
@@ -187,6 +201,7 @@ def test_recorded_seconds_per_iteration_give_the_same_plan_on_a_busy_machine(tmp
     assert idle["threads"]["value"] == recorded["threads"] == max(timing.thread_candidates())
 
     monkeypatch.setattr(timing, "training_step_timings", _timing(0.05))  # the same machine, busy
+    monkeypatch.setattr(plan_measurements, "training_run_costs", _run_costs(0.05))
     busy = api.plan(dataset, tmp_path / "busy", **options)
     total = lambda p: p["training"]["value"]["epochs"] * p["training"]["value"]["iterations_per_epoch"]  # noqa: E731
     assert total(busy) < total(idle), "measured on a busy machine, the plan has fewer iterations"
@@ -210,3 +225,112 @@ def test_recorded_seconds_per_iteration_give_the_same_plan_on_a_busy_machine(tmp
         assert (tmp_path / "again" / "bundle" / "configs" / config).read_text() == (
             tmp_path / "idle" / "bundle" / "configs" / config
         ).read_text()
+
+
+def test_a_planned_run_trains_its_planned_epochs_within_the_budget(tmp_path, capfd):
+    """The seconds per iteration the plan sizes the schedule by include what a run spends beyond the
+    step (start-up, reading the volumes, data loading, handlers, checkpoints, validation): the run
+    trains every planned iteration inside the budget, its cosine learning rate annealed to the end,
+    and `train` prints the planned and the real seconds that plans.json records."""
+    import torch
+
+    path = tmp_path / "thick.nii.gz"
+    save_nifti(ct_phantom((64, 64, 24), (1.0, 1.0, 3.0)), (1.0, 1.0, 3.0), str(path))
+    budget_min = 0.5
+    plans = api.plan(
+        write_dataset(tmp_path / "dataset.json", [path]), tmp_path / "work", preset="tiny", memory_gb=2,
+        time_budget_min=budget_min,
+    )  # fmt: skip
+    costs = plans["seconds_per_iteration"]["costs"]
+    assert plans["seconds_per_iteration"]["value"] > costs["step"], (
+        "the run's iteration costs more than its step"
+    )
+    result = run_main(capfd, "train", "--work", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr
+    run = json.loads((tmp_path / "work" / "plans.json").read_text())["runs"][-1]
+    planned, real = run["planned"], run["real"]
+    assert (real["epochs"], real["iterations"]) == (planned["epochs"], planned["iterations"]), run
+    # the whole training process, start-up included, within the budget (10% for the machine's noise)
+    assert real["seconds"] <= 1.1 * budget_min * 60, run
+    assert f"planned: {planned['epochs']} epochs, {planned['iterations']} iterations in" in result.stdout
+    assert f"trained: {real['epochs']} epochs, {real['iterations']} iterations in" in result.stdout
+    last = torch.load(
+        tmp_path / "work" / "bundle" / "models" / f"checkpoint_{planned['epochs']}.pt", weights_only=False
+    )
+    lr = last["optimizer"]["param_groups"][0]["lr"]
+    assert lr < 0.01 * plans["training"]["value"]["learning_rate"], "the cosine schedule ran to its end"
+
+
+def test_every_option_is_in_help_with_its_choices(capfd):
+    from icmd_auto import cli
+    from icmd_auto.template import scripts
+
+    for name, command in cli.COMMANDS.items():
+        result = run_main(capfd, name, "--help")
+        shown = result.stdout + result.stderr  # fire writes help to stderr where it is not a terminal
+        assert "SYNOPSIS" in shown, shown
+        assert "--debug" in shown and "--quiet" in shown, name
+        params = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
+        for p in params:
+            assert f"--{p.name}" in shown or p.name.upper() in shown, (name, p.name)
+        documented = cli._option_help().get("import_bundle" if name == "import" else name, {})
+        if name not in ("pretrain", "version"):
+            assert {p.name for p in params} <= set(documented), (
+                name,
+                {p.name for p in params} - set(documented),
+            )
+        for text in documented.values():
+            assert text in " ".join(shown.split()), (name, text)
+    plan_help = " ".join(run_main(capfd, "plan", "--help").stderr.split())
+    for choices in (planner.PRESETS, planner.RECIPES, scripts.degradation.PROFILES):
+        assert " | ".join(choices) in plan_help
+    assert "--output_dtype" in run_main(capfd, "predict", "--help").stderr
+
+
+def test_plan_logs_each_decision_as_it_is_made(tmp_path, capfd):
+    path = tmp_path / "thick.nii.gz"
+    save_nifti(ct_phantom((48, 48, 12), (1.0, 1.0, 3.0)), (1.0, 1.0, 3.0), str(path))
+    dataset = write_dataset(tmp_path / "dataset.json", [path])
+    result = run_main(
+        capfd, "plan", "--dataset", str(dataset), "--work", str(tmp_path / "w"), "--preset", "tiny"
+    )
+    assert result.returncode == 0, result.stderr
+    plans = json.loads((tmp_path / "w" / "plans.json").read_text())
+    decisions = [k for k, v in plans.items() if isinstance(v, dict) and "reason" in v]
+    lines = result.stderr.splitlines()
+    logged = [next(i for i, line in enumerate(lines) if line.startswith(f"{key}: ")) for key in decisions]
+    assert logged == sorted(logged), "one line per decision, in the order they are made"
+    assert lines[logged[0]] == f"factor: 3 ({plans['factor']['reason']})"
+    quiet = run_main(
+        capfd, "plan", "--dataset", str(dataset), "--work", str(tmp_path / "q"), "--preset", "tiny", "--quiet"
+    )
+    assert quiet.returncode == 0 and "factor: " not in quiet.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted(planner.RECIPES))
+def test_the_planner_builds_the_network_the_bundle_config_builds(recipe):
+    """One home for a method's network: planner.build_network (and pretraining) go through the
+    bundle's ICMDNet.from_config, which must give what train.json's network_def gives."""
+    from icmd_auto import runner
+    from icmd_auto.template import TEMPLATE_DIR
+
+    parser = ConfigParser()
+    parser.read_config(str(TEMPLATE_DIR / "configs" / "train.json"))
+    preset = planner.PRESETS["small"]
+    icmd = {**parser["icmd"], **planner.RECIPES[recipe]}
+    parser.update(
+        {
+            **runner.private_targets(TEMPLATE_DIR, ["train.json"]),
+            "icmd": icmd,
+            "architecture": {"axial": preset.axial, "planar": preset.planar},
+        }
+    )
+    configured = parser.get_parsed_content("network_def")
+    built = planner.build_network(icmd["factor"], preset, planner.RECIPES[recipe])
+    shapes = lambda net: {k: tuple(v.shape) for k, v in net.state_dict().items()}  # noqa: E731
+    assert shapes(built) == shapes(configured)
+    assert (built.views, built.fusion, built.sagittal is None) == (
+        configured.views,
+        configured.fusion,
+        configured.sagittal is None,
+    )

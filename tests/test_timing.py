@@ -66,7 +66,7 @@ def test_thread_candidates():
 def test_the_gpu_batch_doubles_while_samples_per_second_grow(monkeypatch):
     """planner.decide_device_batch on a device where a step costs 0.1 s + 1 ms per sample: samples/s
     grow by more than 10% up to batch 512 (the cap), and stop at the memory bound where it is lower."""
-    from icmd_auto import planner
+    from icmd_auto import plan_measurements, planner
 
     calls = []
 
@@ -74,14 +74,16 @@ def test_the_gpu_batch_doubles_while_samples_per_second_grow(monkeypatch):
         calls.append(batch)
         return [0.1 + 0.001 * batch] * repeats
 
-    monkeypatch.setattr(planner, "training_step_timings", step)
+    monkeypatch.setattr(plan_measurements, "training_step_timings", step)
     batch, reason = planner.decide_device_batch(None, None, [64, 64, 9], 8, 10_000, 2, "memory")
     assert batch == planner.GPU_BATCH_MAX and calls == [8, 16, 32, 64, 128, 256, 512]
     assert "batch 512: 837" in reason
     calls.clear()
     assert planner.decide_device_batch(None, None, [64, 64, 9], 8, 100, 2, "memory")[0] == 64
     # a device that is saturated at once keeps the memory decision's batch
-    monkeypatch.setattr(planner, "training_step_timings", lambda *a, repeats=5, **k: [0.01 * a[3]] * repeats)
+    monkeypatch.setattr(
+        plan_measurements, "training_step_timings", lambda *a, repeats=5, **k: [0.01 * a[3]] * repeats
+    )
     assert planner.decide_device_batch(None, None, [64, 64, 9], 8, 10_000, 2, "memory")[0] == 8
 
 

@@ -14,7 +14,7 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import PeakSignalToNoiseRatio, from_engine
 from monai.inferers import SimpleInferer
 
-from icmd_auto import planner, runner
+from icmd_auto import plan_measurements, planner, runner
 from icmd_auto.planner import PlanOptions, plan_experiment
 from icmd_auto.synthetic import save_nifti
 from icmd_auto.template import TEMPLATE_DIR, scripts
@@ -224,10 +224,10 @@ def test_planner_holds_out_r_slices_and_sizes_the_validation_interval_to_its_cos
     )
     # 3% of 40 training steps is 1.2 steps: a validation costing 1% of a step fits every epoch, one
     # costing 30% fits 4 times in 20 epochs, a dearer one runs once, at the end
-    monkeypatch.setattr(planner, "training_step_flops", lambda *a: 1.0)
+    monkeypatch.setattr(plan_measurements, "training_step_flops", lambda *a: 1.0)
     schedule = {"epochs": 20, "iterations_per_epoch": 2}
     for cost, interval in ((0.01, 1), (0.3, 5), (100.0, 20)):
-        monkeypatch.setattr(planner, "validation_flops", lambda *a, c=cost: c)
+        monkeypatch.setattr(plan_measurements, "validation_flops", lambda *a, c=cost: c)
         value, reason = planner.decide_validation(
             None, None, None, [16, 16, 7], 2, 0, [[64, 64, 20]], 3, "held out", schedule
         )
@@ -257,13 +257,15 @@ def test_planner_turns_amp_on_for_cuda_and_for_a_cpu_only_where_bf16_is_measured
     )
     assert planner.decide_amp_dtype(cuda=False, bf16_supported=False)[0] == "bfloat16"
     # where bf16 convolutions are slower, the training-step probe is not even run
-    monkeypatch.setattr(planner, "conv_probe_seconds", lambda dtype: 0.05 if dtype is None else 0.4)
+    monkeypatch.setattr(plan_measurements, "conv_probe_seconds", lambda dtype: 0.05 if dtype is None else 0.4)
     on, reason = planner.decide_amp(net, iteration, [16, 16, 7], 2, cuda=False)
     assert on is False and "3x3-conv probe ran in 400 ms with bf16 autocast against 50 ms" in reason
-    monkeypatch.setattr(planner, "conv_probe_seconds", lambda dtype: 0.05 if dtype is None else 0.02)
+    monkeypatch.setattr(
+        plan_measurements, "conv_probe_seconds", lambda dtype: 0.05 if dtype is None else 0.02
+    )
     for bf16, expect in ((0.5, True), (1.1, False), (8.0, False)):
         monkeypatch.setattr(
-            planner, "training_step_timings", lambda *a, amp=False, b=bf16, **k: [b if amp else 1.0]
+            plan_measurements, "training_step_timings", lambda *a, amp=False, b=bf16, **k: [b if amp else 1.0]
         )
         on, reason = planner.decide_amp(net, iteration, [16, 16, 7], 2, cuda=False)
         assert on is expect, reason

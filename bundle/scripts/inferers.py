@@ -10,7 +10,9 @@ volume in place (ICMDNet.synthesize).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
@@ -22,6 +24,50 @@ def cpu_threads() -> int:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # not on Linux
         return max(os.cpu_count() or 1, 1)
+
+
+def conv_probe_seconds(dtype: torch.dtype | None, repeats: int = 3) -> float:
+    """Best wall time on the CPU of a small 32-channel 3x3 conv stack in channels-last (the planar
+    networks' work), in float32 (``dtype`` None) or under autocast to ``dtype``."""
+    convs = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(2)]).eval()
+    convs = convs.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 32, 128, 32).contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    best = float("inf")
+    with torch.inference_mode(), autocast:
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            convs(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+BF16_MAX_TIME_SHARE = (
+    0.8  # on a CPU, bf16 autocast where the probe runs in under this share of float32's time
+)
+_PRECISION: dict[str, tuple[str, str]] = {}  # per device type, for the process: the probe runs once
+
+
+def run_time_precision(device: torch.device) -> tuple[str, str]:
+    """``amp: "auto"`` resolved on the machine that predicts, once per process: "bf16" on CUDA; on a
+    CPU "bf16" where a 3x3-conv probe (a fraction of a second) runs in under BF16_MAX_TIME_SHARE of
+    float32's time, else "" (float32: CPUs without fast bf16 convolutions run it several times
+    slower). Returns (precision, reason)."""
+    if device.type not in _PRECISION:
+        if device.type == "cuda":
+            _PRECISION["cuda"] = ("bf16", "CUDA: bf16 autocast")
+        elif device.type == "cpu":
+            fp32, bf16 = conv_probe_seconds(None), conv_probe_seconds(torch.bfloat16)
+            faster = bf16 < BF16_MAX_TIME_SHARE * fp32
+            _PRECISION["cpu"] = (
+                "bf16" if faster else "",
+                f"{'bf16 autocast' if faster else 'float32'}: a 3x3-conv probe ran in {bf16 * 1e3:.1f} ms with bf16 "
+                f"autocast against {fp32 * 1e3:.1f} ms in float32 on this CPU",
+            )
+        else:
+            _PRECISION[device.type] = ("", f"float32 on {device.type}")
+        logging.getLogger(__name__).info("plane inference precision: %s", _PRECISION[device.type][1])
+    return _PRECISION[device.type]
 
 
 class PlaneInferer(Inferer):
@@ -37,8 +83,9 @@ class PlaneInferer(Inferer):
     Args:
         plane_chunk: planes (or axial slice pairs) per network call; the planner sizes it to the
             memory budget. 0 = all planes of a view at once.
-        amp: autocast on the network's device ("bf16", "fp16" or "" for none). The planner
-            enables it where a measured probe found it faster and not worse (CUDA).
+        amp: autocast on the network's device ("bf16", "fp16" or "" for none), or "auto" (the
+            planner's choice): decided on the machine that runs the bundle, at its first call
+            (run_time_precision: bf16 on CUDA, on a CPU only where a probe finds it faster).
         channels_last: run the convolutions in NHWC (oneDNN's and cuDNN's fast layout).
         cudnn_benchmark: let cuDNN pick the fastest convolution algorithms (CUDA only).
         progress: a progress bar over the chunks (tqdm).
@@ -55,16 +102,17 @@ class PlaneInferer(Inferer):
         traced_roi_size: tuple[int, int, int] | list[int] = (128, 128, -1),
     ):
         super().__init__()
-        if amp not in ("", "bf16", "fp16"):
-            raise ValueError(f"amp must be '', 'bf16' or 'fp16', got {amp!r}")
+        if amp not in ("", "bf16", "fp16", "auto"):
+            raise ValueError(f"amp must be '', 'bf16', 'fp16' or 'auto', got {amp!r}")
         self.plane_chunk, self.amp, self.channels_last = int(plane_chunk), amp, channels_last
         self.cudnn_benchmark, self.progress = cudnn_benchmark, progress
         self.traced_roi_size = tuple(traced_roi_size)
 
     def _autocast(self, device: torch.device):
-        if not self.amp:
+        amp = run_time_precision(device)[0] if self.amp == "auto" else self.amp
+        if not amp:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         return torch.autocast(device.type, dtype=dtype)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:

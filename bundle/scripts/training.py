@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -134,6 +135,14 @@ class ICMDIteration:
         )
         self.cmd_planes, self.internal_planes = cmd_planes, internal_planes
         self.gamma = gamma
+
+    @classmethod
+    def from_config(cls, icmd: dict, **kwargs) -> ICMDIteration:
+        """The iteration of a bundle's ``icmd`` config section (as ``train#iteration`` builds it):
+        the keys that are arguments of this class, absent ones at the defaults above; ``kwargs``
+        (e.g. ``cmd_planes``) override them."""
+        names = inspect.signature(cls.__init__).parameters
+        return cls(**{**{k: v for k, v in icmd.items() if k in names and k != "self"}, **kwargs})
 
     # --- loss terms --------------------------------------------------------------------------
 

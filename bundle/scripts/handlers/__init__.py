@@ -2,6 +2,7 @@ from .checkpoint import BestModelSaver, GradScalerState, RNGState, TrainingCheck
 from .distillation import DistillationSchedule
 from .distributed import RankSeed
 from .metrics_log import MetricsLog
+from .progress import RunProgress
 from .report import SynthesisReport
 from .validation import FinalValidation, ValidationLog
 
@@ -13,6 +14,7 @@ __all__ = [
     "MetricsLog",
     "RNGState",
     "RankSeed",
+    "RunProgress",
     "SynthesisReport",
     "TrainingCheckpoint",
     "ValidationLog",

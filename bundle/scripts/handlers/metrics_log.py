@@ -10,7 +10,8 @@ from ignite.engine import Engine, Events
 
 
 class MetricsLog:
-    """Append ``engine.state.output`` (a dict of floats, or a list holding one) to a JSONL file every ``interval`` iterations.
+    """Append ``engine.state.output`` (a dict of floats, or a list holding one) to a JSONL file every
+    ``interval`` iterations, and at the end of every epoch (so the log holds each epoch's last iteration).
 
     Lines: {"epoch", "iteration", "stage", "gamma", "time", <every loss term>}; ``time`` is the
     wall-clock time (seconds since the epoch) the iteration completed, so the seconds per iteration
@@ -22,6 +23,11 @@ class MetricsLog:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_end)
+
+    def epoch_end(self, engine: Engine) -> None:
+        if engine.state.iteration % self.interval:  # not logged at its iteration
+            self(engine)
 
     def __call__(self, engine: Engine) -> None:
         import torch.distributed as dist

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,6 +90,18 @@ class ICMDNet(nn.Module):
         self.sagittal = None
         if "s" in views and not share_cs:
             self.sagittal = HANInterpolator(factor, input_window=input_window, **(planar or {}))
+
+    @classmethod
+    def from_config(cls, icmd: dict, architecture: dict, **kwargs) -> ICMDNet:
+        """The network of a bundle's ``icmd`` and ``architecture`` config sections (as ``network_def``
+        builds it): ``icmd`` keys that are arguments of this class are passed (``factor``, ``views``,
+        ``fusion``, ``share_cs``, ...; others such as loss weights are ignored), absent ones keep the
+        defaults above; ``architecture`` gives the ``axial`` and ``planar`` hyper-parameters;
+        ``kwargs`` (``input_window``, ``plane_chunk``) are passed as they are. The one place outside
+        the configs that turns a method into a network (the planner and pretraining use it)."""
+        names = inspect.signature(cls.__init__).parameters
+        given = {k: v for k, v in icmd.items() if k in names and k not in ("self", "axial", "planar")}
+        return cls(axial=architecture.get("axial"), planar=architecture.get("planar"), **given, **kwargs)
 
     # --- the three views, each (B, 1, X, Y, Z) -> (B, 1, X, Y, r*Z) -------------------------
 
