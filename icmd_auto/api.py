@@ -425,11 +425,17 @@ def zero_shot_work(
     cases = _batch_cases(input) or [input]
     dataset = write_dataset_json(work / "dataset.json", [str(c) for c in cases], name="zero-shot")
     options = {"factor": factor, "epochs": 1, "init": "prior", "trains": False}
-    if checked is not None and cases == [checked.input]:  # as verify_images samples its first case
-        report = IntegrityReport([checked.fingerprint], [sample_voxels(checked.case.array, seed=0)])
-        plans = _plan(read_dataset_json(dataset), work, checked.series, report, options)
-    else:
-        plans = plan(dataset, work, series=series, **options)
+    planner_log = logging.getLogger("icmd_auto.planner")
+    level = planner_log.level
+    planner_log.setLevel(logging.WARNING)  # the decisions of an internal plan are not predict's output
+    try:
+        if checked is not None and cases == [checked.input]:  # as verify_images samples its first case
+            report = IntegrityReport([checked.fingerprint], [sample_voxels(checked.case.array, seed=0)])
+            plans = _plan(read_dataset_json(dataset), work, checked.series, report, options)
+        else:
+            plans = plan(dataset, work, series=series, **options)
+    finally:
+        planner_log.setLevel(level)
     if plans["init"]["value"]["mode"] != "prior":  # plan refuses first; this is the contract
         raise ICMDError(plans["init"]["reason"])
     models = work / "bundle" / "models"

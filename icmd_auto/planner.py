@@ -692,7 +692,7 @@ def decide_plane_inference(
         f"whole planes (no window overlap, nothing computed twice): {fits}; estimated peak {need / 2**30:.2f} GB "
         f"for the largest case ({x}x{y}x{z}) within "
         f"{memory_gb:g} GB (plus the process, about 0.7 GB); precision 'auto': chosen where the bundle predicts, "
-        "at run time (bf16 autocast on CUDA; on a CPU only where a 3x3-conv probe finds bf16 faster: CPUs differ, "
+        "at run time (bf16 autocast on CUDA; on a CPU only where it has bf16 instructions: CPUs differ, "
         "and an exported bundle must not keep the planning CPU's choice)"
     )
     return {"plane_chunk": chunk, "amp": "auto", "channels_last": True}, reason
@@ -828,9 +828,8 @@ def probe_values(
 
 def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
     """All decisions, as the content of plans.json (each logged as it is made)."""
-    logger.info("planning %s: %d case(s)", fingerprint["dataset"], len(fingerprint["cases"]))
     factor, factor_reason = decide_factor(fingerprint, options)
-    check_slices(fingerprint, factor)
+    check_slices(fingerprint, factor)  # refusals first: a refused plan says one line
     sx, sy, sz = fingerprint["median_spacing"]
     target_z = sz / factor
     intensity = fingerprint["intensity"]

@@ -48,14 +48,38 @@ BF16_MAX_TIME_SHARE = (
 _PRECISION: dict[str, tuple[str, str]] = {}  # per device type, for the process: the probe runs once
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # the instructions oneDNN's fast bf16 convolutions use
+
+
+def cpu_bf16_flags() -> list[str] | None:
+    """The BF16_CPU_FLAGS this CPU reports (Linux /proc/cpuinfo), None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else [f for f in BF16_CPU_FLAGS if f in flags]
+
+
 def run_time_precision(device: torch.device) -> tuple[str, str]:
     """``amp: "auto"`` resolved on the machine that predicts, once per process: "bf16" on CUDA; on a
-    CPU "bf16" where a 3x3-conv probe (a fraction of a second) runs in under BF16_MAX_TIME_SHARE of
-    float32's time, else "" (float32: CPUs without fast bf16 convolutions run it several times
-    slower). Returns (precision, reason)."""
+    CPU "bf16" where it has bf16 instructions (BF16_CPU_FLAGS: the same machine always predicts
+    the same voxels), else "" (float32: CPUs without fast bf16 convolutions run bf16 several
+    times slower); where the flags cannot be read, a 3x3-conv probe decides (bf16 if it runs in
+    under BF16_MAX_TIME_SHARE of float32's time). Returns (precision, reason)."""
+    flags = cpu_bf16_flags() if device.type == "cpu" else None
     if device.type not in _PRECISION:
         if device.type == "cuda":
             _PRECISION["cuda"] = ("bf16", "CUDA: bf16 autocast")
+        elif flags is not None:
+            _PRECISION["cpu"] = (
+                ("bf16", f"bf16 autocast: this CPU has {', '.join(flags)}")
+                if flags
+                else (
+                    "",
+                    f"float32: this CPU has none of {', '.join(BF16_CPU_FLAGS)} (no fast bf16 convolutions)",
+                )
+            )
         elif device.type == "cpu":
             fp32, bf16 = conv_probe_seconds(None), conv_probe_seconds(torch.bfloat16)
             faster = bf16 < BF16_MAX_TIME_SHARE * fp32
