@@ -10,6 +10,7 @@ The flow is one-directional, one module per step (as nnU-Net's experiment planni
                     the memory model)
     bundle_writer.py the plan written into a MONAI bundle      -> <work>/bundle/
     runner.py       train / predict / evaluate through monai.bundle
+    predict.py      prediction of one volume or a batch of them
     api.py          the Python API; cli.py is the `icmd_auto` command on top of it
 
 The method itself (networks, losses, schedule) lives once, in the bundle template's
