@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from . import runner
+from .batch import merge_reports
 from .bundle_writer import write_bundle
 from .dataset import read_dataset_json
 from .errors import ICMDError
@@ -260,3 +261,9 @@ def evaluate(
     finally:
         tmp.unlink(missing_ok=True)
     return json.loads(out.read_text())
+
+
+def report(out_dir: str | Path) -> dict:
+    """The batch reports in ``out_dir`` (each part's, and a whole batch's) merged into
+    ``predict_report.json`` and ``.csv``; returns the merged report (batch.merge_reports)."""
+    return merge_reports(out_dir)

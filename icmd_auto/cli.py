@@ -141,9 +141,11 @@ def predict(
     series: str | None = None,
     prior: str | None = None,
     output_dtype: str = "auto",
+    num_parts: int = 1,
+    part_id: int = 0,
     **overrides,
 ):
-    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom); for a folder of volumes or a dataset.json INPUT, into the folder OUTPUT (--resume skips cases already done). --preview PNG writes coronal/sagittal views before and after. --series UID takes that series from a DICOM folder holding several. Without --work, the shipped CT prior for the input's factor (--factor R, or its spacing) synthesises it: no plan, no training (zero-shot); --prior DIR takes the priors of DIR (a folder `icmd_auto pretrain` wrote) instead."""
+    """Synthesise thin slices for a NIfTI file or DICOM series folder INPUT into OUTPUT (.nii.gz, or a series folder with --output_format dicom); for a folder of volumes or a dataset.json INPUT (a batch), into the folder OUTPUT, with a report (OUTPUT/predict_report.json and .csv) and a lock on OUTPUT; --resume does the cases that failed or were never finished; --num_parts N --part_id I (0..N-1) does the I-th of N shares of the sorted cases (a Slurm array), `icmd_auto report OUTPUT` merges the parts' reports. --preview PNG writes coronal/sagittal views before and after. --series UID takes that series from a DICOM folder holding several. Without --work, the shipped CT prior for the input's factor (--factor R, or its spacing) synthesises it: no plan, no training (zero-shot); --prior DIR takes the priors of DIR (a folder `icmd_auto pretrain` wrote) instead."""
     if prior is not None:
         use_prior_directory(prior)
     result = api.predict(
@@ -158,15 +160,38 @@ def predict(
         preview=preview,
         series=_uids(series),
         **({"output_dtype": output_dtype} if output_dtype != "auto" else {}),
+        num_parts=num_parts,
+        part_id=part_id,
         **overrides,
     )
     if isinstance(result, dict):
         print(
             f"wrote {len(result['written'])} case(s) into {output}"
             + (f"; skipped {len(result['skipped'])} already done" if result["skipped"] else "")
+            + f"; report: {result['report']}"
         )
     else:
         print(f"wrote {result}")
+
+
+def report(out_dir: str):
+    """Merge the batch reports in OUT_DIR (each part's of a split batch, and a whole batch's) into OUT_DIR/predict_report.json and .csv; exits 1 when a case failed or a part left no report."""
+    merged = api.report(out_dir)
+    counts = merged["counts"]
+    path = Path(out_dir).expanduser().absolute() / "predict_report.json"
+    print(
+        f"{len(merged['cases'])} case(s) from {', '.join(merged['merged_from'])}: {counts['written']} written, "
+        f"{counts['skipped']} skipped, {counts['failed']} failed; report: {path}"
+    )
+    problems = []
+    if counts["failed"]:
+        problems.append(f"{counts['failed']} case(s) failed")
+    if merged["missing_parts"]:
+        problems.append(f"no report from {', '.join(merged['missing_parts'])} (its cases never ran)")
+    if problems:
+        raise ICMDError(
+            f"{'; '.join(problems)}; see {path}. Run the same predict with --resume to do what is left"
+        )
 
 
 def evaluate(work: str, dataset: str, out: str | None = None, series: str | None = None, **overrides):
@@ -308,8 +333,8 @@ def _choices(values) -> str:
 def _option_help() -> dict[str, dict[str, str]]:
     """What each command's options do, with their choices and defaults: `--help` shows it (fire reads
     a docstring's ``Args:`` section). The choices come from where they are defined."""
-    from .api import OUTPUT_FORMATS
     from .planner import DEFAULT_RECIPE, PRESETS, RECIPES
+    from .predict import OUTPUT_FORMATS
     from .prior import INITS
     from .template import scripts
 
@@ -350,13 +375,20 @@ def _option_help() -> dict[str, dict[str, str]]:
             "factor": "the slice factor r without --work (default: from the input's spacing)",
             "output_format": f"{_choices(OUTPUT_FORMATS)} (default: nifti)",
             "overwrite": "replace existing outputs (default: refuse)",
-            "resume": "for several inputs: skip the cases already written (default: off)",
+            "resume": "for several inputs: do only the cases that failed or were never finished, skip those "
+            "written (default: off)",
             "preview": "write a PNG of coronal/sagittal views before and after (a path, or alone: beside the output)",
             "series": series,
             "prior": prior,
             "output_dtype": "the stored type of the output: auto (int16 where the input holds integer HU, "
             "else float32) or a numpy dtype such as int16 | float32 (default: auto)",
+            "num_parts": "split a batch into this many parts, e.g. a Slurm array's size (default: 1)",
+            "part_id": "which part this run does, 0 .. num_parts - 1: the sorted cases [part_id::num_parts] "
+            "(default: 0)",
             "overrides": overrides,
+        },
+        "report": {
+            "out_dir": "the output folder of a batch, holding its predict_report*.json",
         },
         "evaluate": {
             "work": "the work folder of a trained bundle",
@@ -411,6 +443,7 @@ COMMANDS = {
     "train": train,
     "predict": predict,
     "evaluate": evaluate,
+    "report": report,
     "export": export,
     "import": import_bundle,
     "demo": demo,

@@ -9,6 +9,7 @@ CTNormalization uses them).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,10 @@ def load_case(path: str | Path, series: Sequence[str] = (), strict: bool = False
         raise CaseReadError(f"{path}: file not found")
     if path.is_file() and not scripts.io.is_nifti(path):
         raise CaseReadError(f"{path}: not a NIfTI file (.nii / .nii.gz) or DICOM series folder")
+    try:  # the readers report a refused read as an unreadable file; the user needs to see why
+        os.close(os.open(path, os.O_RDONLY))
+    except PermissionError as e:
+        raise CaseReadError(f"{path}: {e.strerror}: this user may not read it") from None
     choice = None
     if path.is_dir():
         choice, problems = check_series(path, series, strict)

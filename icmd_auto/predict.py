@@ -8,20 +8,39 @@ api.py exposes ``predict``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import runner
+from .batch import (
+    SCRATCH_PREFIX,
+    WHOLE,
+    BatchReport,
+    CaseProgress,
+    CaseRecord,
+    MemoryProbe,
+    OutputLock,
+    Part,
+    disk_full,
+    earlier_records,
+    failure_message,
+    now,
+    remove_stale_scratch,
+    unfinished,
+)
 from .dataset import read_dataset_json, write_dataset_json
 from .dicom_writer import write_prediction_series
-from .errors import ICMDError
+from .errors import DatasetIntegrityError, ICMDError
 from .fingerprint import CaseFingerprint, LoadedCase, sample_voxels
 from .integrity import IntegrityReport, check_volume, ct_range_warning
 from .preview import write_preview
@@ -165,11 +184,28 @@ def series_override(bundle: Path, config_files: list[str], series: tuple[str, ..
     return {"dicom_series": list(series)}
 
 
+def _durable(path: Path) -> None:
+    """Flush ``path`` (a file, or a series folder's files) to the disk before it is renamed into place,
+    so that after a crash of the machine, not only of the process, a final name holds a whole output."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _commit(result: Path, output: Path, scratch: Path) -> None:
     """Rename ``result`` to ``output``; an existing output (only with --overwrite) is moved away first."""
+    _durable(result)
     if output.exists():
         os.replace(output, scratch / "previous")
     os.replace(result, output)
+    folder = os.open(output.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
 
 
 def _check_prediction_input(job: PredictionJob, checked: list[CheckedInput] | None = None) -> CheckedInput:
@@ -177,6 +213,8 @@ def _check_prediction_input(job: PredictionJob, checked: list[CheckedInput] | No
     the bundle. ``checked``: inputs read and checked already (zero-shot); the one that is this
     job's is taken from the list instead of read again."""
     done = [c for c in checked or () if (c.input, c.series) == (job.input, job.series)]
+    if not done and not os.path.lexists(job.input):
+        raise ICMDError(f"{job.input}: gone: it was listed when the batch started, and is no longer there")
     if done:
         result = done[0]
         checked.remove(result)  # the volume is held by the job only, and goes with it
@@ -223,6 +261,25 @@ def _predict_one(
     _commit(result, job.output, scratch)
 
 
+def _readable(cases: list[Path], series, entry_series: dict) -> IntegrityReport:
+    """The cases of a batch that pass their check, for a zero-shot plan: the others are left out
+    here, and fail in the batch, each in its row of the report."""
+    report, problems = IntegrityReport(), []
+    uids = scripts.dicom_series.series_uids(series)
+    for i, case in enumerate(cases):
+        named = entry_series.get(str(case))
+        try:
+            fingerprint, loaded = check_volume(case, series=(named,) if named else uids, strict=bool(named))
+        except ICMDError as e:
+            problems.append(str(e))
+            continue
+        report.cases.append(fingerprint)
+        report.samples.append(sample_voxels(loaded.array, seed=i))
+    if not report.cases:
+        raise DatasetIntegrityError(f"{len(cases)} inputs, none readable", problems)
+    return report
+
+
 def zero_shot_work(
     input: str | Path,
     work: Path,
@@ -236,20 +293,27 @@ def zero_shot_work(
     The planner runs as for a warm start (``init`` prior) on the input itself (for its factor,
     shape and plane chunk), with one epoch planned and none run; the prior becomes the model.
     ``checked``: ``input`` (one volume) read and checked already; its fingerprint is planned from.
+    A batch is planned from the cases that can be read (the others fail in the batch).
     """
+    from .api import _plan  # the planner's entry (api imports this module)
+
     input = Path(input).expanduser().absolute()
     if not input.exists():
         raise ICMDError(f"{input}: file not found")
-    cases = _batch_cases(input) or [input]
-    dataset = write_dataset_json(work / "dataset.json", [str(c) for c in cases], name="zero-shot")
-    from .api import _plan, plan  # the planner's entry (api imports this module)
-
+    batch = _batch_cases(input)
     options = {"factor": factor, "epochs": 1, "init": "prior", "trains": False}
-    if checked is not None and cases == [checked.input]:  # as verify_images samples its first case
+    uids = scripts.dicom_series.series_uids(series)
+    if checked is not None and batch is None and checked.input == input:
         report = IntegrityReport([checked.fingerprint], [sample_voxels(checked.case.array, seed=0)])
-        plans = _plan(read_dataset_json(dataset), work, checked.series, report, options)
+        cases, uids = [input], checked.series
+    elif batch is not None:
+        entries = read_dataset_json(input).entry_series if input.suffix == ".json" else {}
+        report = _readable(batch, uids, entries)
+        cases = [Path(c.image) for c in report.cases]
     else:
-        plans = plan(dataset, work, series=series, **options)
+        report, cases = None, [input]
+    dataset = write_dataset_json(work / "dataset.json", [str(c) for c in cases], name="zero-shot")
+    plans = _plan(read_dataset_json(dataset), work, uids, report, options)
     if plans["init"]["value"]["mode"] != "prior":  # plan refuses first; this is the contract
         raise ICMDError(plans["init"]["reason"])
     models = work / "bundle" / "models"
@@ -273,6 +337,8 @@ def predict(
     preview: str | bool | None = None,
     series: str | list[str] | None = None,
     factor: int | None = None,
+    num_parts: int = 1,
+    part_id: int = 0,
     **overrides,
 ) -> Path | dict:
     """Synthesise thin slices for one volume, or for every volume of a folder or a dataset.json.
@@ -283,23 +349,42 @@ def predict(
 
     Several volumes (``input`` a folder of NIfTI files and DICOM series folders, or a dataset.json
     whose training images are taken) go into the folder ``output``, each to ``<case>_icmd.nii.gz``
-    (or the series folder ``<case>_icmd``), one after the other with the network loaded once. A
-    failing case is reported and the others go on; the failures are raised together at the end.
-    Returns {"written": [...], "skipped": [...]}.
+    (or the series folder ``<case>_icmd``), one after the other with the network loaded once: a
+    batch (batch.py). It locks the folder (a second batch there refuses), writes
+    ``predict_report.json`` and ``.csv`` beside the outputs, and goes on past a failing case; the
+    failures are raised together at the end, naming the report. A full disk stops it (the partial
+    file removed). ``num_parts``/``part_id``: this run does the sorted cases ``[part_id::num_parts]``
+    and writes ``predict_report.partIofN.json``. Returns {"written": [...], "skipped": [...],
+    "report": path}.
 
     Every output is written under a temporary name beside it and renamed into place. An existing
     output is a refusal before any work unless ``overwrite`` (replace it) or ``resume`` (skip the
-    case). ``preview``: a .png path (one volume) or True (beside each output): coronal and
-    sagittal planes of input and output (preview.py). ``series``: SeriesInstanceUIDs to take where
-    a DICOM folder holds several series (one volume: the folder must hold it); a dataset.json's
-    entries may name theirs.
+    case: a resumed batch does exactly the cases that failed or were never finished). ``preview``: a
+    .png path (one volume) or True (beside each output): coronal and sagittal planes of input and
+    output (preview.py). ``series``: SeriesInstanceUIDs to take where a DICOM folder holds several
+    series (one volume: the folder must hold it); a dataset.json's entries may name theirs.
 
     Without ``work`` (zero-shot) the shipped CT prior for the input's factor does it, with no plan
     and no training: ``factor`` or the input's spacing (median z / in-plane, rounded) picks it.
     """
+    part = Part.of(num_parts, part_id)
     args = (input, output, overwrite, resume, quiet, output_format, preview, series)
+    source, folder = Path(input).expanduser().absolute(), Path(output).expanduser().absolute()
+    if source.exists() and _batch_cases(source) is not None:
+        _check_batch_output(source, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with OutputLock(folder, part):  # before a zero-shot plan reads the cases: a refusal comes first
+            if work is None:
+                with tempfile.TemporaryDirectory(prefix="icmd_zero_shot_") as scratch_work:
+                    work = zero_shot_work(
+                        source, Path(scratch_work), factor=factor, series=series, quiet=quiet
+                    )
+                    return _predict(work, *args, part=part, **overrides)
+            return _predict(work, *args, factor=factor, part=part, **overrides)
+    if part.split:
+        raise ICMDError(f"--num_parts {part.count}: {source} is one volume; parts split a batch (a folder)")
     if work is None:
-        checked = _zero_shot_input(Path(input).expanduser().absolute(), series, overrides)
+        checked = _zero_shot_input(source, series, overrides)
         pending = [checked] if checked else []
         with tempfile.TemporaryDirectory(prefix="icmd_zero_shot_") as scratch_work:
             work = zero_shot_work(
@@ -312,11 +397,66 @@ def predict(
 
 def _zero_shot_input(input: Path, series, overrides: dict) -> CheckedInput | None:
     """One volume for zero-shot ``predict``, read and checked once for the plan and the prediction
-    (as ``_predict`` checks it); None for a batch or a missing input (refused where it was)."""
-    if not input.exists() or _batch_cases(input) is not None:
+    (as ``_predict`` checks it); None for a missing input (refused where it was)."""
+    if not input.exists():
         return None
     named = _named_series(input, None, series, overrides)
     return _check_prediction_input(PredictionJob(input, input, series=named, strict=bool(named)))
+
+
+def _check_batch_output(input: Path, output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise ICMDError(f"{output}: for several inputs the output is a folder; this is a file")
+    if output == input:
+        raise ICMDError(
+            f"{output}: write the outputs to another folder than the inputs (they would be read as inputs next time)"
+        )
+
+
+class _Predictor:
+    """The bundle's inference session and a scratch folder beside the outputs, both made at the first
+    case that passes its check and kept for the next ones (the network is loaded once)."""
+
+    def __init__(self, bundle: Path, quiet: bool, output_format: str, overrides: dict, scratch_prefix: str):
+        self.bundle, self.quiet, self.output_format = bundle, quiet, output_format
+        self.overrides, self.scratch_prefix = overrides, scratch_prefix
+        self.factor = bundle_factor(bundle)
+        self.scratch: Path | None = None
+        self.session: runner.InferenceSession | None = None
+
+    @property
+    def model_loads(self) -> int:
+        return self.session.starts if self.session else 0
+
+    def __call__(self, job: PredictionJob, checked: list[CheckedInput] | None = None) -> None:
+        try:
+            affine = _check_prediction_input(job, checked).case.affine
+            if self.session is None:
+                job.output.parent.mkdir(parents=True, exist_ok=True)
+                self.scratch = Path(tempfile.mkdtemp(prefix=self.scratch_prefix, dir=job.output.parent))
+                self.session = runner.InferenceSession(
+                    self.bundle,
+                    ["inference.json"],
+                    quiet=self.quiet,
+                    output_dir=str(self.scratch),
+                    output_postfix="icmd",
+                    # a DICOM output's NIfTI is read back once: not worth compressing
+                    output_ext=".nii"
+                    if self.output_format == "dicom" or job.output.suffix == ".nii"
+                    else ".nii.gz",
+                    **{**self.overrides, **series_override(self.bundle, ["inference.json"], job.series)},
+                )
+            _predict_one(self.session, job, affine, self.scratch, self.factor, self.output_format)
+        finally:
+            job.volume = None
+            for leftover in self.scratch.iterdir() if self.scratch else ():
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+    def close(self) -> None:
+        if self.session:
+            self.session.close()
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def _predict(
@@ -331,15 +471,16 @@ def _predict(
     series: str | list[str] | None = None,
     factor: int | None = None,
     checked: list[CheckedInput] | None = None,
+    part: Part = WHOLE,
     **overrides,
 ) -> Path | dict:
     """``predict`` with a work folder; ``checked``: inputs read and checked already (zero-shot)."""
-    if factor is not None and int(factor) != bundle_factor(runner.bundle_dir(work)):
+    bundle = runner.bundle_dir(work)
+    if factor is not None and int(factor) != bundle_factor(bundle):
         raise ICMDError(
-            f"--factor {factor}: the bundle in {work} synthesises x{bundle_factor(runner.bundle_dir(work))}; "
+            f"--factor {factor}: the bundle in {work} synthesises x{bundle_factor(bundle)}; "
             "plan again for another factor, or leave out --work to use the shipped prior"
         )
-    bundle = runner.bundle_dir(work)
     runner.trained_model(bundle)
     if output_format not in OUTPUT_FORMATS:
         raise ICMDError(f"--output_format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
@@ -353,71 +494,138 @@ def _predict(
     if cases is None:
         jobs = [_single_job(input, output, output_format, preview)]
     else:
-        jobs = _batch_jobs(input, cases, output, output_format, preview)
+        jobs = part.select(_batch_jobs(input, cases, output, output_format, preview))
     series = _named_series(input, cases, series, overrides)
     for job in jobs:
         job.series, job.strict = series, cases is None and bool(series)
     overrides.update(series_override(bundle, ["inference.json"], series))
+    overrides.setdefault("progress", (not quiet) and os.isatty(2))
+    if cases is None:
+        if output.exists() and not overwrite:
+            raise ICMDError(f"{output}: exists; pass --overwrite to replace it")
+        if jobs[0].preview and jobs[0].preview.exists() and not overwrite:
+            raise ICMDError(f"{jobs[0].preview}: exists; pass --overwrite to replace it")
+        predictor = _Predictor(bundle, quiet, output_format, overrides, ".icmd_predict_")
+        try:
+            predictor(jobs[0], checked)
+        finally:
+            predictor.close()
+        return output
+    return _run_batch(bundle, input, output, jobs, part, overwrite, resume, quiet, output_format, overrides)
+
+
+def _run_batch(
+    bundle: Path,
+    input: Path,
+    output: Path,
+    jobs: list[PredictionJob],
+    part: Part,
+    overwrite: bool,
+    resume: bool,
+    quiet: bool,
+    output_format: str,
+    overrides: dict,
+) -> dict:
+    """The cases of a batch (this part's), one after the other, each recorded in the report."""
+    earlier = earlier_records(output) if resume else {}
     skipped = [job for job in jobs if resume and job.output.exists()]
     todo = [job for job in jobs if job not in skipped]
     if not overwrite:
-        clash = [p for job in todo for p in (job.output, job.preview) if p is not None and p.exists()]
-        if clash and cases is None:
-            raise ICMDError(f"{clash[0]}: exists; pass --overwrite to replace it")
+        # with --resume a to-do case's preview is an unfinished case's: it is replaced
+        clash = [p for job in todo for p in (job.output, None if resume else job.preview) if p and p.exists()]
         if clash:
             more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
             raise ICMDError(
                 f"{clash[0]}: exists{more}; pass --resume to skip the cases already done or --overwrite to replace them"
             )
-    for job in skipped:
-        logger.info(f"skipped {job.input.name}: {job.output} exists (--resume)")
-    factor = bundle_factor(bundle)
-    failures, written = [], []
-    overrides.setdefault("progress", (not quiet) and os.isatty(2))
-    scratch, session = None, None  # made beside the outputs once a case has passed its check
-    try:
-        for i, job in enumerate(todo, 1):
-            if cases is not None:
-                logger.info(f"[{i}/{len(todo)}] {job.input} -> {job.output}")
-            try:
-                affine = _check_prediction_input(job, checked).case.affine
-                if session is None:
-                    job.output.parent.mkdir(parents=True, exist_ok=True)
-                    scratch = Path(tempfile.mkdtemp(prefix=".icmd_predict_", dir=job.output.parent))
-                    session = runner.InferenceSession(
-                        bundle,
-                        ["inference.json"],
-                        quiet=quiet,
-                        output_dir=str(scratch),
-                        output_postfix="icmd",
-                        # a DICOM output's NIfTI is read back once: not worth compressing
-                        output_ext=".nii"
-                        if output_format == "dicom" or job.output.suffix == ".nii"
-                        else ".nii.gz",
-                        **{**overrides, **series_override(bundle, ["inference.json"], job.series)},
-                    )
-                _predict_one(session, job, affine, scratch, factor, output_format)
-                written.append(job.output)
-            except Exception as e:
-                if cases is None:
-                    raise
-                message = str(e) if isinstance(e, ICMDError) else f"{job.input}: {runner.error_summary(e)}"
-                logger.error(f"failed: {message}")
-                failures.append(message)
-            finally:
-                for leftover in scratch.iterdir() if scratch else ():
-                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    finally:
-        if session:
-            session.close()
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if cases is None:
-        return output
-    if failures:
-        lines = "\n".join(f"  - {f}" for f in failures)
-        raise ICMDError(
-            f"{len(failures)} of {len(jobs)} case(s) failed ({len(written)} written, {len(skipped)} skipped as "
-            f"done); re-run with --resume to retry only these:\n{lines}"
+    remove_stale_scratch(output, part)
+    records = {}
+    for job in jobs:
+        before = earlier.get(str(job.output))
+        record = CaseRecord(
+            str(job.input), str(job.output), list(job.series), previous=before and before.outcome()
         )
-    return {"written": [str(p) for p in written], "skipped": [str(j.output) for j in skipped]}
+        if job in skipped:
+            record.status, record.reason, record.finished = "skipped", "output exists (--resume)", now()
+        records[id(job)] = record
+    memory = MemoryProbe()
+    report = BatchReport(
+        part.report_path(output),
+        {
+            "kind": "icmd_auto predict batch report",
+            "input": str(input),
+            "output": str(output),
+            "bundle": str(bundle),
+            "factor": bundle_factor(bundle),
+            "part": {"id": part.id, "count": part.count},
+            "resume": resume,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": now(),
+            "memory": memory.describe(),
+        },
+        [records[id(job)] for job in jobs],
+    )
+    predictor = _Predictor(bundle, quiet, output_format, overrides, f"{SCRATCH_PREFIX}{part.tag}_")
+    if not quiet:
+        logger.info(
+            f"batch{' ' + part.describe() if part.split else ''}: {len(todo)} case(s) to do"
+            + (f", {len(skipped)} skipped as done (--resume)" if skipped else "")
+            + f"; report: {report.path}"
+        )
+    report.save()
+    try:
+        with CaseProgress(len(todo), quiet) as progress:
+            for job in todo:
+                record = records[id(job)]
+                record.status = "running"
+                report.save()
+                memory.start()
+                start = time.perf_counter()
+                full = None
+                try:
+                    predictor(job)
+                    record.status = "written"
+                except Exception as e:
+                    message = (
+                        str(e) if isinstance(e, ICMDError) else f"{job.input}: {runner.error_summary(e)}"
+                    )
+                    full = disk_full(e)
+                    if full is not None:
+                        message = (
+                            f"{job.input}: no space left on device for {job.output} ({errno.errorcode[full.errno]}); the partial "
+                            "file was removed and the cases written before are whole: free space, then --resume"
+                        )
+                    logger.error(f"failed: {message}")
+                    record.status = "failed"
+                    reason = message.removeprefix(f"{job.input}: ")
+                    record.reason = " / ".join(line.strip() for line in reason.splitlines() if line.strip())
+                record.seconds = round(time.perf_counter() - start, 3)
+                record.series = list(job.series)
+                peak, rss = memory.read()
+                record.peak_memory_mb = peak and round(peak, 1)
+                record.rss_mb = rss and round(rss, 1)
+                record.finished = now()
+                report.header["model_loads"] = predictor.model_loads
+                report.save()
+                progress.done(record, record.seconds)
+                if full is not None:
+                    unfinished(records.values(), "", "not started: the batch stopped when the disk was full")
+                    break
+    except BaseException:
+        unfinished(records.values(), "interrupted during this case", "not started: the batch was interrupted")
+        raise
+    finally:
+        predictor.close()
+        report.header["finished"] = now()
+        report.header["model_loads"] = predictor.model_loads
+        report.save()
+    counts = report.counts()
+    failures = report.failures()
+    if failures:
+        raise ICMDError(failure_message(failures, len(jobs), counts, report.path))
+    return {
+        "written": [r.output for r in report.records if r.status == "written"],
+        "skipped": [r.output for r in report.records if r.status == "skipped"],
+        "report": str(report.path),
+    }

@@ -237,6 +237,9 @@ class InferenceSession:
         self.bundle, self.config_files, self.quiet = bundle, config_files, quiet
         self.overrides = {"bundle_root": str(bundle), **overrides}
         self.workflow = None
+        self.starts = (
+            0  # workflows initialised (network built, weights loaded): 1 unless a case failed inside
+        )
         self._logging: _LoggingKept | None = None
 
     def _start(self, datalist: list[str]) -> None:
@@ -260,6 +263,7 @@ class InferenceSession:
         with _sys_path_kept():
             workflow.initialize()
         self.workflow = workflow
+        self.starts += 1
 
     def run(self, datalist: list[str], volumes: list | None = None) -> None:
         """Run the workflow on ``datalist`` (the images, in order).

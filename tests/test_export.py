@@ -140,7 +140,9 @@ def test_torchscript_model_gives_the_state_dict_models_output(
     # graph against the network on the traced size to 1e-4)
     diff = np.abs(voxels(traced) - voxels(bundle_alone_output))
     assert voxels(traced).shape == voxels(bundle_alone_output).shape
-    assert np.array_equal(voxels(traced)[..., ::3], voxels(bundle_alone_output)[..., ::3]), "known slices exact"
+    assert np.array_equal(voxels(traced)[..., ::3], voxels(bundle_alone_output)[..., ::3]), (
+        "known slices exact"
+    )
     assert diff.mean() < 3.0 and diff.max() < 50, (diff.mean(), diff.max())  # measured: 1.05, 13.4 HU
 
 

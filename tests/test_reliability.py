@@ -145,9 +145,12 @@ def test_batch_predict_goes_past_a_failure_and_resumes(tiny_work, scans, tmp_pat
         report[-1]
         == f"  - {scans / 'c.nii.gz'}: cannot be read as a NIfTI (Compressed file ended before the end-of-stream marker was reached)"
     )
-    assert sorted(p.name for p in out.iterdir()) == ["a_icmd.nii.gz", "b_icmd.nii.gz"], (
-        "no partial or temporary files"
-    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_icmd.nii.gz",
+        "b_icmd.nii.gz",
+        "predict_report.csv",
+        "predict_report.json",
+    ], "no partial or temporary files"
     for case in ("a", "b"):  # one network, case after case: each output is its own input's
         assert _known_slices_match(out / f"{case}_icmd.nii.gz", scans / f"{case}.nii.gz")
     assert "%|" not in first.stderr, "no progress bar when stderr is not a terminal"
@@ -162,7 +165,9 @@ def test_batch_predict_goes_past_a_failure_and_resumes(tiny_work, scans, tmp_pat
     shutil.copyfile(scans / "a.nii.gz", scans / "c.nii.gz")  # the broken scan replaced
     resumed = run_main(capfd, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.strip().endswith(f"wrote 1 case(s) into {out}; skipped 2 already done")
+    assert resumed.stdout.strip().endswith(
+        f"wrote 1 case(s) into {out}; skipped 2 already done; report: {out / 'predict_report.json'}"
+    )
     assert (out / "a_icmd.nii.gz").stat().st_mtime_ns == done, "finished cases are not redone"
     assert _known_slices_match(out / "c_icmd.nii.gz", scans / "c.nii.gz")
 
@@ -174,7 +179,14 @@ def test_batch_predict_from_a_dataset_json_with_previews(tiny_work, scans, tmp_p
         capfd, "predict", "--work", str(tiny_work), "--input", str(dataset), "--output", str(out), "--preview"
     )
     assert result.returncode == 0, result.stderr
-    names = ["a_icmd.nii.gz", "a_icmd.png", "b_icmd.nii.gz", "b_icmd.png"]
+    names = [
+        "a_icmd.nii.gz",
+        "a_icmd.png",
+        "b_icmd.nii.gz",
+        "b_icmd.png",
+        "predict_report.csv",
+        "predict_report.json",
+    ]
     assert sorted(p.name for p in out.iterdir()) == names
     with pytest.raises(ICMDError, match="pass one of the two"):
         api.predict(tiny_work, dataset, out, overwrite=True, resume=True)

@@ -164,7 +164,8 @@ class PlaneInferer(Inferer):
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc="synthesis", unit="chunk", dynamic_ncols=True)
+            # leave=None: kept when it is the only bar, cleared when it sits under a batch's bar of cases
+            bar = tqdm(total=total, desc="synthesis", unit="chunk", dynamic_ncols=True, leave=None)
         b, _, x, y, z = volume.shape
         # made outside inference mode: the post-processing works on it in place
         out = torch.empty((b, 1, x, y, z * net.factor), dtype=torch.float32, device=volume.device)
