@@ -312,6 +312,7 @@ def zero_shot_work(
         cases = [Path(c.image) for c in report.cases]
     else:
         report, cases = None, [input]
+    work.mkdir(parents=True, exist_ok=True)
     dataset = write_dataset_json(work / "dataset.json", [str(c) for c in cases], name="zero-shot")
     plans = _plan(read_dataset_json(dataset), work, uids, report, options)
     if plans["init"]["value"]["mode"] != "prior":  # plan refuses first; this is the contract
