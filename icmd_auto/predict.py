@@ -125,12 +125,7 @@ def _single_job(input: Path, output: Path, output_format: str, preview: str | bo
 def _batch_jobs(
     input: Path, cases: list[Path], output: Path, output_format: str, preview: str | bool | None
 ) -> list[PredictionJob]:
-    if output.exists() and not output.is_dir():
-        raise ICMDError(f"{output}: for several inputs the output is a folder; this is a file")
-    if output == input:
-        raise ICMDError(
-            f"{output}: write the outputs to another folder than the inputs (they would be read as inputs next time)"
-        )
+    _check_batch_output(input, output)
     if preview not in (None, False, True):
         raise ICMDError(
             f"--preview {preview}: with several inputs give --preview alone; each case's PNG is written beside its output"
@@ -502,6 +497,9 @@ def _predict(
     overrides.update(series_override(bundle, ["inference.json"], series))
     overrides.setdefault("progress", (not quiet) and os.isatty(2))
     if cases is None:
+        if resume and output.exists():
+            logger.info(f"skipped {input.name}: {output} exists (--resume)")
+            return output
         if output.exists() and not overwrite:
             raise ICMDError(f"{output}: exists; pass --overwrite to replace it")
         if jobs[0].preview and jobs[0].preview.exists() and not overwrite:
