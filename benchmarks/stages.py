@@ -88,17 +88,17 @@ class StageClock:
 def run(profile: Path, argv: list[str]) -> int:
     from monai import transforms
 
-    from icmd_auto import api, cli, fingerprint, integrity, runner
+    from icmd_auto import cli, fingerprint, integrity, predict, runner
 
     clock = StageClock()
     clock.seconds["imports"] = time.perf_counter() - _START
     # the input's decode, wherever a module calls it from (each imported the name)
-    for module in (fingerprint, integrity, api):
+    for module in (fingerprint, integrity, predict):
         clock.wrap(module, "load_case", "read")
-    for module in (integrity, api):
+    for module in (integrity, predict):
         for name in ("check_image", "check_volume"):
             clock.wrap(module, name, "input checks")
-    clock.wrap(api, "zero_shot_work", "zero-shot plan")
+    clock.wrap(predict, "zero_shot_work", "zero-shot plan")
     clock.wrap(runner.InferenceSession, "_start", "model load")
     clock.wrap(transforms.LoadImaged, "__call__", "bundle read")
     clock.wrap(transforms.CopyItemsd, "__call__", "standardise")
