@@ -340,7 +340,10 @@ class OutputLock:
         return held
 
     def _sign(self, path: Path, fd: int) -> None:
-        command = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))
+        program = (
+            "icmd_auto" if sys.argv[0].endswith(("__main__.py", "icmd_auto")) else Path(sys.argv[0]).name
+        )
+        command = " ".join([program, *sys.argv[1:]])
         signature = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "command": command}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(signature).encode(), 0)
