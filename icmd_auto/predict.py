@@ -309,7 +309,13 @@ def zero_shot_work(
         report, cases = None, [input]
     work.mkdir(parents=True, exist_ok=True)
     dataset = write_dataset_json(work / "dataset.json", [str(c) for c in cases], name="zero-shot")
-    plans = _plan(read_dataset_json(dataset), work, uids, report, options)
+    planner_log = logging.getLogger("icmd_auto.planner")
+    level = planner_log.level
+    planner_log.setLevel(logging.WARNING)  # the decisions of an internal plan are not predict's output
+    try:
+        plans = _plan(read_dataset_json(dataset), work, uids, report, options)
+    finally:
+        planner_log.setLevel(level)
     if plans["init"]["value"]["mode"] != "prior":  # plan refuses first; this is the contract
         raise ICMDError(plans["init"]["reason"])
     models = work / "bundle" / "models"
