@@ -848,9 +848,10 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
                 "clip_image": False,
             },
             "nnU-Net's CTNormalization statistics: the dataset's pooled 0.5/99.5 percentiles and the clipped "
-            "mean/std; raw HU in [0, 1] made a residual CNN collapse to the identity (DESIGN 3). The window bounds "
+            "mean/std, so the networks see standardised intensities as nnU-Net's do. The window bounds "
             "what the networks' feature branches see; the image itself is not clipped (clip_image false), so bone "
-            "and metal beyond the 99.5th percentile keep their HU instead of being cut (docs/RESULTS.md)",
+            "and metal beyond the 99.5th percentile keep their HU instead of being cut (docs/RESULTS.md, Decisions, "
+            "'Intensity')",
         ),
     }
     inplane = (sx + sy) / 2
