@@ -47,6 +47,7 @@ PLAN_KEYS = {
     "inference.json": ("icmd", "intensity", "architecture", "plane_inference", "seed"),
 }
 PRIOR_FILE = "prior.pt"  # models/prior.pt: the weights a warm start begins from
+PRIOR_CARD = "prior.json"  # models/prior.json: their card (data, licences), for the exported model card
 INFERENCE_ICMD_KEYS = ("factor", "views", "fusion", "use_memory", "mem_items", "share_cs", "axial_slices")
 
 
@@ -177,4 +178,7 @@ def write_bundle(
     ):  # warm start: the prior's weights inside the bundle, which stays self-contained
         (bundle / "models").mkdir(exist_ok=True)
         shutil.copy2(init["weights"], bundle / "models" / PRIOR_FILE)
+        card = Path(init["weights"]).with_suffix(".json")
+        if card.is_file():
+            shutil.copy2(card, bundle / "models" / PRIOR_CARD)
     return bundle

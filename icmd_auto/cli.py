@@ -225,7 +225,13 @@ def import_bundle(archive: str, work: str, overwrite: bool = False):
 
 
 def demo(work: str = "icmd_demo", minutes: float = 3.0):
-    """The built-in example: a synthetic CT phantom, then plan -> train -> predict -> evaluate in a few minutes."""
+    """The built-in example: a synthetic CT phantom, then plan -> train -> predict -> evaluate in a few minutes.
+
+    Args:
+        work: the folder it writes: data/ (the phantom), bundle/, the prediction and evaluation.json.
+        minutes: the training time budget in minutes; planning, prediction and evaluation add about a
+            minute (--minutes 0.1 runs the whole pipeline fast, with little training).
+    """
     run_demo(work, minutes=minutes, quiet=_QUIET)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from . import runner
 from .errors import ICMDError
-from .model_card import eval_metrics, model_card, read_report
+from .model_card import eval_metrics, model_card, prior_summary, read_report, starting_prior
 from .template import TEMPLATE_DIR
 
 logger = logging.getLogger("icmd_auto")
@@ -205,6 +205,14 @@ def export_bundle(
             meta["eval_metrics"] = eval_metrics(report_data, slice_profile)
         else:
             meta.pop("eval_metrics", None)
+        prior = starting_prior(bundle)
+        if prior is not None:  # the weights derive from the prior's images too: say so where MONAI looks
+            template_source = json.loads((TEMPLATE_DIR / "configs" / "metadata.json").read_text())[
+                "data_source"
+            ]
+            meta["data_source"] = (
+                f"{template_source}; training started from {prior_summary(prior)} (docs/README.md)"
+            )
         meta_path.write_text(json.dumps(meta, indent=4) + "\n")
         card = model_card(bundle, work, meta, report_data, report_path if report_data else None)
         (stage / "docs" / "README.md").write_text(card)

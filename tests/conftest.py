@@ -23,6 +23,30 @@ requires_shared_data = pytest.mark.skipif(
     reason=f"real CT test data not found at {SHARED_DATA} (clone the project beside shared/)",
 )
 
+# noise added to every weight by perturbed(): about what training leaves in the residual branches
+PERTURBATION_STD = 0.02
+
+
+def perturbed(weights, seed: int = 0, std: float = PERTURBATION_STD):
+    """``weights`` (an nn.Module, changed in place and returned, or a state dict, copied) with seeded
+    Gaussian noise added to every floating-point tensor, the zero-initialised last layers and
+    attention scales included: trained-like weights whose views really differ from linear
+    interpolation and from each other (a freshly built network's views are all linear interpolation)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(t):
+        return torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.dtype) * std
+
+    if isinstance(weights, torch.nn.Module):
+        with torch.no_grad():
+            for p in weights.parameters():
+                p.add_(noise(p))
+        return weights
+    return {k: v + noise(v) if v.is_floating_point() else v.clone() for k, v in weights.items()}
+
+
 # a training run of a few iterations: the tiny preset, no time budget
 TINY_TRAIN = {"epochs": 3, "iterations_per_epoch": 2, "log_interval": 1}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import socket
@@ -13,12 +14,24 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CHEST, REPO, requires_shared_data, run_bundle, run_cli, write_dataset
+from conftest import (
+    CHEST,
+    PHANTOM_SHAPE,
+    PHANTOM_SPACING,
+    REPO,
+    perturbed,
+    requires_shared_data,
+    run_bundle,
+    run_cli,
+    write_dataset,
+)
 from monai.bundle import verify_net_in_out
 
 from icmd_auto import api, runner
 from icmd_auto.errors import ICMDError
-from icmd_auto.export import SCHEMA, SCHEMA_MD5, verify_metadata
+from icmd_auto.export import SCHEMA, SCHEMA_MD5, TRACE_XY, verify_metadata
+from icmd_auto.prior import available
+from icmd_auto.synthetic import ct_phantom, save_nifti
 
 MAX_HU_DIFF = 1e-4
 
@@ -101,6 +114,7 @@ def test_archive_holds_a_model_zoo_bundle_without_local_paths(archive, unzipped,
     for section in ("## This model", "## Measured results", "## Training", "## Inference", "## Intended use"):
         assert section in card, section
     assert "No evaluation report was found" in card
+    assert "| starting weights | random (from scratch) |" in card and "## Starting weights" not in card
     assert "python -m monai.bundle run --bundle_root . --config_file configs/train.json" in card
 
 
@@ -146,6 +160,38 @@ def test_torchscript_model_gives_the_state_dict_models_output(
     assert diff.mean() < 3.0 and diff.max() < 50, (diff.mean(), diff.max())  # measured: 1.05, 13.4 HU
 
 
+def _bundle_network(bundle, weights: bool = True) -> torch.nn.Module:
+    """inference.json's network_def of ``bundle``, with models/model.pt loaded (or fresh: linear)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle), **runner.private_targets(bundle, ["inference.json"])})
+    net = parser.get_parsed_content("network_def")
+    if weights:
+        net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def test_torchscript_model_is_the_trained_network(phantom_work, tmp_path):
+    """models/model.ts of a trained-like (perturbed) model gives the work folder's network output to
+    1e-4 standardised units (0.05 HU) on a volume it was not traced on, while that output is far
+    from linear interpolation: a model.ts of other weights, or of a graph that differs, fails."""
+    work = tmp_path / "work"
+    shutil.copytree(phantom_work, work)
+    model = work / "bundle" / "models" / "model.pt"
+    torch.save(perturbed(torch.load(model, weights_only=True)), model)
+    api.export(work, tmp_path / "perturbed.zip", torchscript=True)
+    with zipfile.ZipFile(tmp_path / "perturbed.zip") as zf:
+        traced = torch.jit.load(io.BytesIO(zf.read("perturbed/models/model.ts")), map_location="cpu").eval()
+    net, linear = _bundle_network(work / "bundle"), _bundle_network(work / "bundle", weights=False)
+    volume = torch.randn(1, 1, TRACE_XY, TRACE_XY, 9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = net(volume)
+        assert (expected - linear(volume)).abs().mean() > 0.01, "the model is not linear interpolation"
+        assert (traced(volume) - expected).abs().max() < 1e-4
+
+
 @requires_shared_data
 def test_measured_results_travel_with_the_bundle(tiny_work, tmp_path):
     work = tmp_path / "work"
@@ -170,6 +216,29 @@ def test_measured_results_travel_with_the_bundle(tiny_work, tmp_path):
     with pytest.raises(ICMDError, match="the report is for factor x4, the bundle's factor is x3"):
         api.export(work, tmp_path / "other.zip", report=tmp_path / "x4.json")
     assert not (tmp_path / "other.zip").exists()
+
+
+def test_a_warm_started_bundle_credits_the_priors_data(tmp_path):
+    """Fine-tuned from a prior, the weights derive from the prior's images: the exported model card
+    names them, their licences and whom to credit, and metadata.json's data_source says so."""
+    image = tmp_path / "phantom.nii.gz"
+    save_nifti(ct_phantom(PHANTOM_SHAPE, PHANTOM_SPACING), PHANTOM_SPACING, str(image))
+    work = tmp_path / "work"
+    api.plan(write_dataset(tmp_path / "dataset.json", [image]), work, factor=3, epochs=1, init="prior")
+    models = work / "bundle" / "models"
+    shutil.copy2(models / "prior.pt", models / "model.pt")  # stands in for the fine-tuned weights
+    api.export(work, tmp_path / "warm.zip")
+    with zipfile.ZipFile(tmp_path / "warm.zip") as zf:
+        card = zf.read("warm/docs/README.md").decode()
+        meta = json.loads(zf.read("warm/configs/metadata.json"))
+        assert not [n for n in zf.namelist() if "/models/prior" in n], "the prior's files do not travel"
+    prior = available()[3].card
+    assert "## Starting weights" in card and f"the CT prior for x3 (preset {prior['preset']}" in card
+    assert all(name in card for name in prior["data"])
+    assert all(f"- {e['attribution']}" in card for e in prior["data"].values())
+    for licence in prior["licences"]:
+        assert licence in card and licence in meta["data_source"]
+    assert "training started from the CT prior for x3" in meta["data_source"]
 
 
 def test_metadata_is_verified_offline_against_the_schema_copy(tmp_path, monkeypatch):

@@ -1,15 +1,33 @@
-"""Network shapes for r = 2, 3, 4, known-slice copying, and the options that change structure."""
+"""Network shapes for r = 2, 3, 4, known-slice copying, and the options that change structure.
+
+Views, fusion and chunking are compared on perturbed (trained-like) weights: a freshly built
+network's view networks start as linear interpolation (their last layers are zero), so on fresh
+weights every view is the same tensor and a comparison of them could not fail."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturbed
 
 from icmd_auto.template import scripts
 
 net_mod = scripts.networks
 TINY_A = {"width": 16, "groups": 1, "blocks": 1}
 TINY_P = {"width": 8, "groups": 1, "blocks": 1}
+DIFFERENT = 1e-2  # standardised units: views closer than this would make the comparisons below vacuous
+
+
+def trained_like(factor: int, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return perturbed(net_mod.ICMDNet(factor, axial=TINY_A, planar=TINY_P, **kwargs)).eval()
+
+
+def assert_views_differ(views: dict) -> None:
+    names = sorted(views)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert (views[a] - views[b]).abs().max() > DIFFERENT, f"views {a} and {b} are the same tensor"
 
 
 @pytest.mark.parametrize("factor", [2, 3, 4])
@@ -34,29 +52,33 @@ def test_han_upsamples_along_z_only(factor):
 
 @pytest.mark.parametrize("factor", [2, 3, 4])
 def test_icmd_net_views_and_fusion(factor):
-    net = net_mod.ICMDNet(factor, axial=TINY_A, planar=TINY_P).eval()
+    net = trained_like(factor, share_cs=False)  # G_s its own network: three different views
     volume = torch.randn(2, 1, 20, 16, 6)
     with torch.no_grad():
         out = net(volume)
         views = {v: net.view(v, volume) for v in ("a", "c", "s")}
+    syn = torch.ones(6 * factor, dtype=torch.bool)
+    syn[::factor] = False
+    assert_views_differ({k: v[..., syn] for k, v in views.items()})
     assert out.shape == (2, 1, 20, 16, 6 * factor)
     assert torch.equal(out[..., ::factor], volume), "known slices are copied unchanged"
     for v in views.values():
         assert v.shape == out.shape
-    syn = torch.ones(6 * factor, dtype=torch.bool)
-    syn[::factor] = False
     fused = (views["a"] + views["c"] + views["s"]) / 3
     assert torch.allclose(out[..., syn], fused[..., syn], atol=1e-6)
     assert (out.shape[-1] - factor + 1) == (volume.shape[-1] - 1) * factor + 1  # the covered range
 
 
 def test_plane_chunking_gives_the_same_output():
-    net = net_mod.ICMDNet(3, axial=TINY_A, planar=TINY_P).eval()
+    net = trained_like(3)
     chunked = net_mod.ICMDNet(3, axial=TINY_A, planar=TINY_P, plane_chunk=5).eval()
     chunked.load_state_dict(net.state_dict())
+    linear = net_mod.ICMDNet(3, axial=TINY_A, planar=TINY_P).eval()  # fresh: linear interpolation
     volume = torch.randn(1, 1, 17, 13, 5)
     with torch.no_grad():
-        assert torch.allclose(net(volume), chunked(volume), atol=1e-5)
+        whole = net(volume)
+        assert (whole - linear(volume)).abs().max() > DIFFERENT, "the weights synthesise"
+        assert torch.allclose(whole, chunked(volume), atol=1e-5)
 
 
 def test_share_cs_and_memory_switch_change_the_state_dict():
@@ -79,21 +101,27 @@ def test_fusion_needs_its_views():
 
 @pytest.mark.parametrize("fusion", ["a", "c", "s", "mean_cs"])
 def test_single_view_fusions(fusion):
-    net = net_mod.ICMDNet(3, axial=TINY_A, planar=TINY_P, fusion=fusion).eval()
+    net = trained_like(3, fusion=fusion, share_cs=False)
     volume = torch.randn(1, 1, 16, 16, 4)
     with torch.no_grad():
         out = net(volume)
         used = net_mod.FUSIONS[fusion]
-        expected = sum(net.view(v, volume) for v in used) / len(used)
+        views = {v: net.view(v, volume) for v in ("a", "c", "s")}
+        expected = sum(views[v] for v in used) / len(used)
     syn = torch.ones(12, dtype=torch.bool)
     syn[::3] = False
+    assert_views_differ({k: v[..., syn] for k, v in views.items()})
     assert torch.allclose(out[..., syn], expected[..., syn], atol=1e-6)
 
 
 def test_intensities_beyond_the_window_pass_through_the_linear_base():
-    """Bone brighter than the window's top keeps its value: only the feature branches are clamped."""
-    net = net_mod.ICMDNet(2, axial=TINY_A, planar=TINY_P, input_window=(-1.0, 1.0)).eval()
-    volume = torch.full((1, 1, 16, 16, 4), 5.0)  # 5 std above the mean, far beyond the window
+    """Bone brighter than the window's top keeps its value: only the feature branches are clamped.
+
+    The feature branches see 5 and 1 both clamped to the window's top, so they add the same to
+    both outputs; what differs is the linear base alone, by 4."""
+    net = trained_like(2, input_window=(-1.0, 1.0))
+    bright = torch.full((1, 1, 16, 16, 4), 5.0)  # 5 std above the mean, far beyond the window
     with torch.no_grad():
-        out = net(volume)
-    assert torch.allclose(out, torch.full_like(out, 5.0), atol=1e-5)
+        out, at_top = net(bright), net(torch.full_like(bright, 1.0))
+    assert (at_top - 1.0).abs().max() > DIFFERENT, "the feature branches add something"
+    assert torch.allclose(out - at_top, torch.full_like(out, 4.0), atol=1e-5)

@@ -77,7 +77,11 @@ class ICMDNet(nn.Module):
         self.factor, self.views, self.fusion, self.plane_chunk = factor, views, fusion, plane_chunk
         self.axial = (
             AxialSliceInterpolator(
-                factor, axial_slices, mem_items=mem_items if use_memory else 0, **(axial or {})
+                factor,
+                axial_slices,
+                mem_items=mem_items if use_memory else 0,
+                input_window=input_window,
+                **(axial or {}),
             )
             if "a" in views
             else None
