@@ -670,12 +670,12 @@ def decide_amp(net, iteration, patch: list[int], stage: int, cuda: bool) -> tupl
 # data: the process itself (torch, MONAI, the network) adds ~0.7 GB.
 OUTPUT_BYTES_PER_VOXEL = 6  # the float32 synthesis, then its copy in the stored dtype (int16) when written
 INPUT_BYTES_PER_VOXEL = 12  # the loaded volume, its HU copy (known slices) and the standardised float32
-# planes per network call. A fixed number (not "as many as fit"): every call holds exactly this many
-# planes (ICMDNet.synthesize pads the last), so the output is bit-identical under any memory budget
-# that holds it. On this CPU (2 cores, 512 x 100 planes) 1 or 2 planes per call ran 0.23 s a plane,
-# 8 planes 0.31 s: large calls' fresh feature maps (50 MB) cost page faults in every element-wise
-# op; a GPU needs more work per call
-PLANE_CHUNK = 2
+# the most planes per network call (fewer where the memory budget cannot hold them). The inferer
+# measures, on the machine that predicts, which count up to this one (1, 2, 4, ...) and which memory
+# layout run fastest (scripts.inferers.PlaneCallTuner): CPUs differ (an AVX2 EPYC, an AVX-512 EPYC
+# and an AMX Xeon each preferred another; docs/PERFORMANCE.md), and large calls' fresh feature maps
+# cost page faults in every element-wise op; a GPU needs more work per call
+PLANE_CHUNK = 4
 PLANE_CHUNK_GPU = 64
 
 
@@ -709,8 +709,9 @@ def inference_memory_bytes(
 def decide_plane_inference(
     planar: dict, axial: dict | None, factor: int, max_shape: list[int], memory_gb: float, cuda: bool
 ) -> tuple[dict, str]:
-    """Planes per network call (PLANE_CHUNK, fewer only where the memory budget cannot hold them) and
-    the inference precision.
+    """The most planes per network call (PLANE_CHUNK, fewer only where the memory budget cannot hold
+    them; the inferer measures which count up to it and which layout run fastest) and the inference
+    precision.
 
     G_c / G_s run on whole coronal / sagittal planes and G_a on whole axial slice pairs, so
     nothing is computed twice and a plane's output never depends on the chunking.
@@ -729,11 +730,14 @@ def decide_plane_inference(
         )
     need = fixed + chunk * per_plane
     fits = (
-        f"{chunk} planes per network call (every call exactly that many, so the output does not depend on "
-        "the memory budget)"
+        f"at most {chunk} planes per network call"
         if chunk == preferred
-        else f"{chunk} planes per network call, the most that fit (fewer than the usual {preferred}: the output "
-        "may differ from a run with more memory by float rounding)"
+        else f"at most {chunk} planes per network call, the most that fit (fewer than the usual {preferred})"
+    )
+    fits += (
+        "; the inferer measures on the machine that predicts which count up to that and which memory layout "
+        "(channels-last or contiguous) run fastest, and keeps the choice for the process (the output "
+        "does not depend on the memory budget or the calls beyond float rounding)"
     )
     amp, amp_reason = decide_inference_precision(cuda)
     reason = (
@@ -741,7 +745,7 @@ def decide_plane_inference(
         f"for the largest case ({x}x{y}x{z}) within "
         f"{memory_gb:g} GB (plus the process, about 0.7 GB); precision: {amp_reason}"
     )
-    return {"plane_chunk": chunk, "amp": amp, "channels_last": True}, reason
+    return {"plane_chunk": chunk, "amp": amp, "channels_last": True, "tune": True}, reason
 
 
 def decide_inference_precision(cuda: bool) -> tuple[str, str]:
