@@ -38,6 +38,7 @@ import quality  # noqa: E402  (the same volumes, thick inputs and scores as the 
 from icmd_auto import api  # noqa: E402
 from icmd_auto.dataset import write_dataset_json  # noqa: E402
 from icmd_auto.prior import PRIOR_DIR_VARIABLE  # noqa: E402
+from icmd_auto.template import scripts  # noqa: E402
 
 REPO = quality.REPO
 BEGIN, END = "<!-- loo:begin -->", "<!-- loo:end -->"
@@ -179,7 +180,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "RESULTS.md")
     parser.add_argument("--record", type=Path, default=REPO / "docs" / "results_loo.json")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(scripts.runtime.cpu_cores())
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="icmd_loo_") as tmp:
         for volume in args.volumes:

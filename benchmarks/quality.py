@@ -340,7 +340,7 @@ def main() -> None:
         "figures": figures,
         "budget_min": args.budget_min,
         "ablation_budget_min": args.ablation_budget_min or args.budget_min,
-        "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, no GPU"
+        "machine": f"{scripts.runtime.cpu_cores()} CPU cores, {torch.get_num_threads()} torch threads, no GPU"
         if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
     }

@@ -22,6 +22,16 @@ In one process:
 The command runs under stages.py, which times its stages (read, input checks, zero-shot plan,
 model load, synthesis, finalize, write, ...) in the same run.
 Prints the tables and writes them into docs/PERFORMANCE.md (between markers) with the command.
+
+    python benchmarks/speed.py --paired f87dc7d --slices 100 --fp32 --variations all
+
+runs instead, paired on one input (a 512 x 512 x S phantom at x4), one after the other in the
+order given and ``--repeats`` times: the zero-shot ``icmd_auto predict --factor 4`` of an older
+commit (a ``git worktree`` of it under --work, run under this stages.py), and of this code with
+each variation of the inference settings (VARIATIONS: planes per call, channels-last or not,
+threads, the output path; the default row measures its own, PlaneCallTuner). ``--fp32`` forces
+float32 inference in every row (the AVX2 case on a CPU whose bf16 is fast). The table, with the
+CPU's model and flags (avx2, avx512, amx, bf16), goes into docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -76,9 +86,8 @@ def roofline_gflops(device: torch.device, amp: str, repeats: int = 5) -> float:
     planes = 8 if device.type == "cpu" else 256
     x = torch.randn(planes, 32, 512, 100, device=device).contiguous(memory_format=torch.channels_last)
     flops = 8 * 2 * 9 * 32 * 32 * x.shape[0] * x.shape[2] * x.shape[3]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     best = float("inf")
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode(), scripts.runtime.autocast(device, amp or None):
         for _ in range(repeats + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -90,13 +99,13 @@ def roofline_gflops(device: torch.device, amp: str, repeats: int = 5) -> float:
     return flops / best / 1e9
 
 
-def on_a_terminal(cmd: list[str]) -> tuple[str, float, float]:
+def on_a_terminal(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
     """Run ``cmd`` with stderr on a 24 x 120 pseudo-terminal; returns (what it printed there, wall
     seconds, peak RSS in GiB of the child)."""
     main, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=terminal)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=terminal, env=env)
     os.close(terminal)
     chunks = []
     while True:
@@ -228,7 +237,7 @@ def gzip_table(nifti: Path, scratch: Path) -> str:
         "|---|---|---|---|---|",
     ]
     target = scratch / "gzip_probe.nii.gz"
-    for name, opener in gzip_methods(scripts.inferers.cpu_threads()).items():
+    for name, opener in gzip_methods(scripts.runtime.cpu_cores()).items():
         start = time.perf_counter()
         with opener(target) as f:
             f.write(payload)
@@ -283,6 +292,152 @@ def table(rows: list[dict], rooflines: dict, device: str) -> str:
     return "\n".join(lines)
 
 
+# inference settings of the paired rows (stages.py's ICMD_STAGES_INFERER / ICMD_STAGES_THREADS)
+VARIATIONS = {
+    "default": ("measured per CPU (the plan's tune)", {}),
+    "2cl": (
+        "2 planes, channels-last (b4ccfb3's fixed plan)",
+        {"inferer": {"plane_chunk": 2, "channels_last": True, "tune": False}},
+    ),
+    "2nchw": ("2 planes, contiguous", {"inferer": {"plane_chunk": 2, "channels_last": False, "tune": False}}),
+    "1cl": ("1 plane, channels-last", {"inferer": {"plane_chunk": 1, "channels_last": True, "tune": False}}),
+    "4cl": ("4 planes, channels-last", {"inferer": {"plane_chunk": 4, "channels_last": True, "tune": False}}),
+    "8cl": ("8 planes, channels-last", {"inferer": {"plane_chunk": 8, "channels_last": True, "tune": False}}),
+    "1thread": ("1 thread (measured per CPU)", {"threads": 1}),
+    "nii": ("output .nii, no gzip (measured per CPU)", {"suffix": ".nii"}),
+}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """The CPU's model, cores and the flags that decide convolution kernels (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or "CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    capability = torch.backends.cpu.get_cpu_capability()
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return (
+        f"{model}, {scripts.runtime.cpu_cores()} cores; {have}; PyTorch {torch.__version__} kernels: {capability}"
+        + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
+    )
+
+
+def old_checkout(commit: str, root: Path) -> Path:
+    """A worktree of ``commit`` (made once) with the bundle template linked as an install would."""
+    folder = root / f"code_{commit}"
+    if not folder.exists():
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), commit], check=True
+        )
+    link = folder / "icmd_auto" / "bundle_template"
+    if not link.exists():
+        link.symlink_to("../bundle")
+    return folder
+
+
+def paired_row(code: Path, label: str, variation: str, volume: Path, folder: Path, fp32: bool) -> dict:
+    label_v, setting = VARIATIONS.get(variation, (variation, {}))
+    inferer = dict(setting.get("inferer", {}))
+    if fp32:
+        inferer["amp"] = ""
+    output = folder / f"thin{setting.get('suffix', '.nii.gz')}"
+    profile = folder / "stages.json"
+    env = {**os.environ, "PYTHONPATH": str(code), "ICMD_STAGES_INFERER": json.dumps(inferer)}
+    env["ICMD_STAGES_THREADS"] = str(setting.get("threads", ""))
+    args = [
+        "predict",
+        "--input",
+        str(volume),
+        "--output",
+        str(output),
+        "--overwrite",
+        "--factor",
+        str(FACTOR),
+    ]
+    print(f"$ [{label}, {variation}] icmd_auto {' '.join(args)}", flush=True)
+    load = os.getloadavg()[0]
+    _, wall, rss = on_a_terminal(
+        [sys.executable, str(Path(__file__).with_name("stages.py")), str(profile), *args], env=env
+    )
+    stages = json.loads(profile.read_text())
+    assert nib.load(str(output)).shape[2] == (nib.load(str(volume)).shape[2] - 1) * FACTOR + 1
+    output.unlink()
+    return {
+        "code": label,
+        "variation": label_v,
+        "wall_s": wall,
+        "peak_rss_gib": rss,
+        "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],
+        "plane_calls": stages.get("plane_calls", []),
+        "stages_s": {"process start and exit": wall - stages["total_s"], **stages["stages_s"]},
+    }
+
+
+def paired_table(rows: list[dict], cpu: str) -> str:
+    stages = list(rows[0]["stages_s"])
+    lines = [
+        f"CPU: {cpu}.",
+        "",
+        "| code | inference setting | wall (whole command) | peak RSS | load average | "
+        + " | ".join(stages)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(stages),
+    ]
+    for r in rows:
+        chosen = "; ".join(
+            f"chose {c['planes']} {'channels-last' if c['channels_last'] else 'contiguous'} of "
+            + ", ".join(f"{k} {v:.0f}" for k, v in c["ms_per_plane"].items())
+            + " ms/plane"
+            for c in r["plane_calls"]
+        )
+        lines.append(
+            f"| {r['code']} | {r['variation']}{' (' + chosen + ')' if chosen else ''} | {r['wall_s']:.1f} s | "
+            f"{r['peak_rss_gib']:.2f} GB | {r['load_average'][0]:.1f} / {r['load_average'][1]:.1f} | "
+            + " | ".join(f"{r['stages_s'].get(s, 0.0):.2f}" for s in stages)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def paired(args) -> None:
+    """The older commit and this code's variations on one input, one after the other."""
+    slices = args.slices[0]
+    folder = args.work / f"512x512x{slices}"
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = folder / f"ct_512x512x{slices}.nii.gz"
+    if not volume.exists():
+        save_nifti(ct_phantom_large((512, 512, slices), SPACING), SPACING, str(volume))
+    old = old_checkout(args.paired, args.work)
+    variations = (
+        list(VARIATIONS) if args.variations == ["all"] else args.variations or [next(iter(VARIATIONS))]
+    )
+    cpu = cpu_description()
+    print(cpu, flush=True)
+    rows = []
+    for _ in range(args.repeats):
+        rows.append(paired_row(old, args.paired, "its own plan", volume, folder, args.fp32))
+        print(paired_table(rows[-1:], cpu), flush=True)
+        for variation in variations:
+            rows.append(paired_row(REPO, "this code", variation, volume, folder, args.fp32))
+            print(paired_table(rows[-1:], cpu), flush=True)
+    text = paired_table(rows, cpu)
+    command = "python benchmarks/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text += f"\n\nCommand: `{command.strip()}` ({time.strftime('%Y-%m-%d')})."
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
+    key = "cpu_paired" + ("_fp32" if args.fp32 else "")
+    write_block(args.out, f"<!-- speed:{key}:begin -->", f"<!-- speed:{key}:end -->", text)
+    print(f"wrote the table into {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -300,14 +455,26 @@ def main() -> None:
     parser.add_argument(
         "--gzip", action="store_true", help="also time gzip implementations on the first volume's output"
     )
+    parser.add_argument(
+        "--paired", metavar="COMMIT", help="run COMMIT's zero-shot predict and this code's, paired"
+    )
+    parser.add_argument(
+        "--variations",
+        nargs="+",
+        help=f"with --paired: rows of this code, 'all' or of {', '.join(VARIATIONS)} (default: default)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="with --paired: rounds of all rows")
+    parser.add_argument("--fp32", action="store_true", help="with --paired: float32 inference in every row")
     args = parser.parse_args()
+    if args.paired:
+        return paired(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
     rooflines = {p: roofline_gflops(device, "" if p == "fp32" else p) for p in precisions}
     name = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
-        else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+        else f"{platform.processor() or 'CPU'}, {scripts.runtime.cpu_cores()} cores"
     )
     print(f"rooflines: {rooflines} GFLOP/s ({name})", flush=True)
     rows = [

@@ -21,12 +21,21 @@ subtracted from it), so the stages add up to the time in this process:
 
 speed.py runs it as the measured command; what the wall clock of the process adds (interpreter
 start, exit) is the wall time less ``total``.
+
+A variation of the inference settings (speed.py's rows) is given in the environment, as JSON:
+
+    ICMD_STAGES_INFERER='{"plane_chunk": 2, "channels_last": false, "tune": false, "amp": ""}'
+        keyword arguments that replace the bundle's PlaneInferer arguments (plans.json's), in any
+        bundle the command runs, the old commit's too
+    ICMD_STAGES_THREADS=1
+        torch's intra-op threads during the synthesis (the inferer sets the process's cores)
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -85,6 +94,18 @@ class StageClock:
         setattr(owner, name, self.timed(function, stage))
 
 
+def plane_calls() -> list:
+    """What the inferer's tuner chose in this process (planes per call, layout, ms per plane tried)."""
+    chosen = []
+    for module in list(sys.modules.values()):
+        choices = getattr(module, "plane_call_choices", None)
+        if callable(choices) and module.__name__.endswith("inferers"):
+            for size, channels_last, seconds in choices().values():
+                tried = {f"{s} {'cl' if c else 'nchw'}": round(t * 1e3, 1) for (s, c), t in seconds.items()}
+                chosen.append({"planes": size, "channels_last": channels_last, "ms_per_plane": tried})
+    return chosen
+
+
 def run(profile: Path, argv: list[str]) -> int:
     from monai import transforms
 
@@ -106,9 +127,31 @@ def run(profile: Path, argv: list[str]) -> int:
     clock.wrap(transforms.SaveImaged, "__call__", "write")
     bundle_scripts = runner.bundle_scripts
 
+    overrides = json.loads(os.environ.get("ICMD_STAGES_INFERER") or "{}")
+    threads = int(os.environ.get("ICMD_STAGES_THREADS") or 0)
+
+    def varied(inferers) -> None:
+        """The bundle's PlaneInferer with the variation's arguments, its threads the variation's."""
+        if threads:  # the inferer sets torch's threads to this (cpu_threads before the runtime module)
+            for name in ("cpu_cores", "cpu_threads"):
+                if hasattr(inferers, name):
+                    setattr(inferers, name, lambda: threads)
+        init = inferers.PlaneInferer.__init__
+        if not overrides or getattr(init, "varied", False):
+            return
+
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            for key, value in overrides.items():
+                setattr(self, key, int(value) if key == "plane_chunk" else value)
+
+        __init__.varied = True
+        inferers.PlaneInferer.__init__ = __init__
+
     def bundle_scripts_timed(bundle):  # the bundle's own classes, under their private package
         name = bundle_scripts(bundle)
         package = sys.modules[name]
+        varied(package.inferers)
         clock.wrap(package.inferers.PlaneInferer, "__call__", "synthesis")
         clock.wrap(package.transforms.FinalizeSynthesisd, "__call__", "finalize")
         if hasattr(package.io, "LoadVolumed"):
@@ -126,6 +169,7 @@ def run(profile: Path, argv: list[str]) -> int:
                 "total_s": total,
                 "stages_s": {s: clock.seconds.get(s, 0.0) for s in STAGES},
                 "calls": dict(clock.calls),
+                "plane_calls": plane_calls(),
             },
             indent=1,
         )

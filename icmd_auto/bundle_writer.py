@@ -107,7 +107,8 @@ def plan_values(plan: dict, training_images: list[str], dicom_series: list[str] 
         if plan.get("init", {}).get("value", {}).get("mode") == "prior"
         else None,
         "dicom_series": list(dicom_series) if dicom_series else None,
-        "plane_inference": plan["plane_inference"]["value"],
+        # a plan made before the inferer measured its calls keeps its fixed planes per call
+        "plane_inference": {"tune": False, **plan["plane_inference"]["value"]},
         "seed": plan["seed"]["value"],
     }
 

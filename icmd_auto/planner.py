@@ -650,20 +650,21 @@ def decide_amp(net, iteration, patch: list[int], stage: int, cuda: bool) -> tupl
     )
 
 
-# planes per network call. A fixed number (not "as many as fit"): every call holds exactly this many
-# planes (ICMDNet.synthesize pads the last), so the output is bit-identical under any memory budget
-# that holds it. On this CPU (2 cores, 512 x 100 planes) 1 or 2 planes per call ran 0.23 s a plane,
-# 8 planes 0.31 s: large calls' fresh feature maps (50 MB) cost page faults in every element-wise
-# op; a GPU needs more work per call
-PLANE_CHUNK = 2
+# the most planes per network call (fewer where the memory budget cannot hold them). The inferer
+# measures, on the machine that predicts, which count up to this one (1, 2, 4, ...) and which memory
+# layout run fastest (scripts.inferers.PlaneCallTuner): CPUs differ (an AVX2 EPYC, an AVX-512 EPYC
+# and an AMX Xeon each preferred another; docs/PERFORMANCE.md), and large calls' fresh feature maps
+# cost page faults in every element-wise op; a GPU needs more work per call
+PLANE_CHUNK = 4
 PLANE_CHUNK_GPU = 64
 
 
 def decide_plane_inference(
     planar: dict, axial: dict | None, factor: int, max_shape: list[int], memory_gb: float, cuda: bool
 ) -> tuple[dict, str]:
-    """Planes per network call (PLANE_CHUNK, fewer only where the memory budget cannot hold them) and
-    the inference precision.
+    """The most planes per network call (PLANE_CHUNK, fewer only where the memory budget cannot hold
+    them; the inferer measures which count up to it and which layout run fastest) and the inference
+    precision.
 
     G_c / G_s run on whole coronal / sagittal planes and G_a on whole axial slice pairs, so
     nothing is computed twice and a plane's output never depends on the chunking.
@@ -682,11 +683,14 @@ def decide_plane_inference(
         )
     need = fixed + chunk * per_plane
     fits = (
-        f"{chunk} planes per network call (every call exactly that many, so the output does not depend on "
-        "the memory budget)"
+        f"at most {chunk} planes per network call"
         if chunk == preferred
-        else f"{chunk} planes per network call, the most that fit (fewer than the usual {preferred}: the output "
-        "may differ from a run with more memory by float rounding)"
+        else f"at most {chunk} planes per network call, the most that fit (fewer than the usual {preferred})"
+    )
+    fits += (
+        "; the inferer measures on the machine that predicts which count up to that and which memory layout "
+        "(channels-last or contiguous) run fastest, and keeps the choice for the process (the output "
+        "does not depend on the memory budget or the calls beyond float rounding)"
     )
     reason = (
         f"whole planes (no window overlap, nothing computed twice): {fits}; estimated peak {need / 2**30:.2f} GB "
@@ -695,7 +699,7 @@ def decide_plane_inference(
         "at run time (bf16 autocast on CUDA; on a CPU only where it has bf16 instructions: CPUs differ, "
         "and an exported bundle must not keep the planning CPU's choice)"
     )
-    return {"plane_chunk": chunk, "amp": "auto", "channels_last": True}, reason
+    return {"plane_chunk": chunk, "amp": "auto", "channels_last": True, "tune": True}, reason
 
 
 def decide_inference_precision(cuda: bool) -> tuple[str, str]:

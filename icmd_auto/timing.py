@@ -12,16 +12,15 @@ here, as nnU-Net keeps its experiment planners apart from the fingerprint and th
                             one other busy process, 2 threads ran a step ~10x slower than 1), so the
                             probe measures under the load training will see and the fastest count
                             is what training uses
-    conv_probe_seconds      a 3x3-conv stack in float32 and bf16 (is bf16 worth trying on this CPU;
-                            the bundle's scripts.inferers.conv_probe_seconds)
     machine_description     the machine a timing was measured on, as plans.json records it
+
+Precision (autocast), the CPU-core count, thread control and the float32/bf16 conv probe have one
+home, the bundle's ``scripts/runtime.py`` (the bundle alone uses them too); they are imported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import platform
 import statistics
 import time
@@ -30,16 +29,14 @@ import torch
 
 from .template import scripts
 
+# the one definition of each, in the bundle's scripts (re-exported for the planner and pretraining)
+autocast = scripts.runtime.autocast
+conv_probe_seconds = scripts.runtime.conv_probe_seconds
+cpu_cores = scripts.runtime.cpu_cores
+torch_threads = scripts.runtime.torch_threads
+
 WARMUP_STEPS = 2  # untimed: the first steps pay one-off costs (allocator, CUDA context, cuDNN autotuning)
 TIMED_STEPS = 5  # timed; the median is the step time (robust to one interrupted step)
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on (its affinity; a container's limit where one is set)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def thread_candidates(cores: int | None = None) -> list[int]:
@@ -68,26 +65,6 @@ def machine_description() -> str:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, amp: bool):
-    """The trainer's autocast: bf16 on a CPU and on GPUs that have it, fp16 on older GPUs; off without amp."""
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """Run with ``threads`` intra-op CPU threads, then restore the caller's count."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def training_step_timings(
@@ -159,7 +136,3 @@ def probe_training_step(
             for n, per in timings.items()
         },
     }
-
-
-# the bundle's probe (its inferer decides bf16 with it on the machine that predicts); one definition
-conv_probe_seconds = scripts.inferers.conv_probe_seconds

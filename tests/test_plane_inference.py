@@ -180,3 +180,35 @@ def test_a_zero_shot_plan_skips_the_training_probes(phantom, tmp_path, monkeypat
     plans = json.loads((work / "plans.json").read_text())
     assert "inference only (zero-shot)" in plans["validation"]["reason"]
     assert plans["init"]["value"]["mode"] == "prior" and (work / "bundle" / "models" / "model.pt").is_file()
+
+
+def test_the_tuner_measures_planes_per_call_and_layout_and_keeps_the_output(caplog):
+    """With ``tune`` the inferer tries 2 planes per call in both layouts, then 1 and 4 in the faster
+    one, keeps the trials' outputs, and runs the rest with the fastest: the synthesis is the
+    networks' (as with a fixed chunk, up to float rounding) and the choice is kept for the process."""
+    net = _random_net(("c", "s"), "mean_cs")
+    volume = torch.randn(1, 1, 96, 90, 6)  # 90 and 96 planes: at least TUNE_MIN_RATIO x the trials' 18
+    with torch.no_grad():
+        whole = net(volume)
+    inferers = scripts.inferers
+    inferers._CHOICES.clear()
+    with caplog.at_level("INFO", logger=inferers.__name__):
+        tuned = inferers.PlaneInferer(plane_chunk=4, tune=True)(volume, net)
+    assert torch.allclose(tuned, whole, atol=1e-5), "the trials' planes and the rest: the networks' synthesis"
+    choices = inferers.plane_call_choices()
+    assert len(choices) == 2, "one choice per plane shape (coronal 96 x 6, sagittal 90 x 6)"
+    for size, channels_last, seconds in choices.values():
+        first_layout = {(2, True), (2, False)}
+        assert first_layout <= set(seconds), "both layouts timed at 2 planes per call"
+        faster = min(first_layout, key=seconds.get)[1]
+        assert {(1, faster), (4, faster)} <= set(seconds), "then the other sizes in the faster layout"
+        assert (size, channels_last) == min(seconds, key=seconds.get), "the fastest is kept"
+    assert sum("plane inference:" in r.message for r in caplog.records) == 2
+    again = inferers.PlaneInferer(plane_chunk=4, tune=True)(volume, net)  # the kept choice: no trials
+    assert inferers.plane_call_choices() == choices and torch.allclose(again, whole, atol=1e-5)
+    small = torch.randn(1, 1, 20, 17, 6)  # too few planes for trials: the given 4 per call
+    inferers._CHOICES.clear()
+    with torch.no_grad():
+        expected = net(small)
+    assert torch.allclose(inferers.PlaneInferer(plane_chunk=4, tune=True)(small, net), expected, atol=1e-5)
+    assert not inferers.plane_call_choices()

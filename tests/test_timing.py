@@ -110,3 +110,47 @@ def test_cached_volumes_go_to_the_training_device():
     parser.update({"cache_on_device": False})
     parser.parse()
     assert parser.get_parsed_content(key).converter.device is None
+
+
+def test_one_home_for_precision_and_threads():
+    """Training, validation, inference and the planner take autocast and the core count from the
+    bundle's scripts/runtime.py (the bundle runs without icmd_auto), not from copies."""
+    from icmd_auto.template import scripts
+
+    runtime = scripts.runtime
+    assert timing.autocast is runtime.autocast and timing.cpu_cores is runtime.cpu_cores
+    assert timing.torch_threads is runtime.torch_threads
+    assert scripts.training.autocast is runtime.autocast and scripts.validation.autocast is runtime.autocast
+    assert scripts.inferers.autocast is runtime.autocast and scripts.inferers.cpu_cores is runtime.cpu_cores
+    assert scripts.io.cpu_cores is runtime.cpu_cores
+
+
+def test_autocast_computes_in_the_precision_asked_for():
+    from icmd_auto.template import scripts
+
+    runtime = scripts.runtime
+    conv = torch.nn.Conv2d(1, 2, 3)
+    x = torch.randn(1, 1, 8, 8)
+    for precision, expected in (
+        (None, torch.float32),
+        (False, torch.float32),
+        ("", torch.float32),
+        (True, torch.bfloat16),  # a CPU's own: bf16
+        ("bf16", torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+        ("fp32", torch.float32),
+    ):
+        with runtime.autocast("cpu", precision):
+            assert conv(x).dtype == expected, precision
+    assert runtime.autocast_dtype("cpu", "fp16") == torch.float16
+    try:
+        runtime.autocast("cpu", "int8")
+    except ValueError as e:
+        assert "precision must be one of" in str(e)
+    else:
+        raise AssertionError("an unknown precision is refused")
+    # the trainer's amp: MONAI's amp and amp_kwargs on the engine
+    engine = SimpleNamespace(amp=True, amp_kwargs={"dtype": torch.bfloat16})
+    assert scripts.training.engine_precision(engine) == torch.bfloat16
+    assert scripts.training.engine_precision(SimpleNamespace(amp=False)) is None
+    assert scripts.training.engine_precision(SimpleNamespace(amp=True, amp_kwargs={})) is True

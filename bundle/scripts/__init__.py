@@ -8,7 +8,9 @@
     degradation.py  thick-slice simulation D_r and scale-matched in-plane pairs
     training.py     one ICMD training iteration (internal learning + distillation levels)
     validation.py   self-supervised validation: PSNR on pairs from held-out thick slices
-    inferers.py     plane-wise inference: whole planes in chunks, no window overlap
+    inferers.py     plane-wise inference: whole planes in chunks, no window overlap, the planes
+                    per call and memory layout measured on the machine that predicts
+    runtime.py      precision (autocast) and CPU threads: the one definition of each
     transforms.py   CT normalisation and the transforms the configs chain
     evaluation.py   the simulated-thick protocol metrics
     io.py           NIfTI / DICOM series inputs, output dtype and geometry
@@ -27,6 +29,7 @@ from . import (
     io,
     losses,
     networks,
+    runtime,
     training,
     transforms,
     validation,
@@ -41,6 +44,7 @@ __all__ = [
     "io",
     "losses",
     "networks",
+    "runtime",
     "training",
     "transforms",
     "validation",

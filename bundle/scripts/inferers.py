@@ -4,42 +4,128 @@ G_c / G_s are 2-D networks on coronal / sagittal planes and G_a works on pairs o
 slices, so a 3-D sliding window only adds overlap (computed twice) and window edges (the
 attention statistics would see the window, not the plane). ``PlaneInferer`` runs each view
 network on whole planes, ``plane_chunk`` at a time, and adds the results into one output
-volume in place (ICMDNet.synthesize).
+volume in place (ICMDNet.synthesize). With ``tune``, ``PlaneCallTuner`` measures on the machine
+that predicts how many planes per call (up to ``plane_chunk``, the memory budget's limit) and
+which memory layout run fastest, instead of a fixed choice.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 
+from .runtime import autocast, conv_probe_seconds, cpu_cores
 
-def cpu_threads() -> int:
-    """The cores this process may run on (its affinity), for torch's intra-op threads."""
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # not on Linux
-        return max(os.cpu_count() or 1, 1)
+logger = logging.getLogger(__name__)
+
+TUNE_SIZES = (1, 2, 4, 8)  # planes per call the tuner may try (up to the memory budget's limit)
+# a view is tuned only where its planes are at least this many times the planes the trials take,
+# so the trials are a small share of it (their outputs are kept: only a slower candidate costs)
+TUNE_MIN_RATIO = 4
+
+# per process: (network, plane shape, device, threads, precision) -> (planes per call, channels_last, timings)
+_CHOICES: dict[tuple, tuple[int, bool, dict]] = {}
 
 
-def conv_probe_seconds(dtype: torch.dtype | None, repeats: int = 3) -> float:
-    """Best wall time on the CPU of a small 32-channel 3x3 conv stack in channels-last (the planar
-    networks' work), in float32 (``dtype`` None) or under autocast to ``dtype``."""
-    convs = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(2)]).eval()
-    convs = convs.to(memory_format=torch.channels_last)
-    x = torch.randn(4, 32, 128, 32).contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    best = float("inf")
-    with torch.inference_mode(), autocast:
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            convs(x)
-            best = min(best, time.perf_counter() - start)
-    return best
+def _signature(network: torch.nn.Module) -> tuple:
+    return (type(network).__name__, tuple((n, tuple(p.shape)) for n, p in network.named_parameters()))
+
+
+class PlaneCallTuner:
+    """Planes per network call and memory layout, measured on this machine during the synthesis.
+
+    ICMDNet.synthesize asks ``size(network, plane_shape, left, total)`` for the planes of its next
+    call and runs it through ``__call__(network, planes)``. The first calls of a view are the
+    trials, and their outputs are kept (a plane's output does not depend on its call, beyond
+    float rounding; tests/test_plane_inference.py): first the two layouts (channels-last and
+    contiguous) at 2 planes per call, then the other sizes of TUNE_SIZES up to ``most`` in the
+    faster layout; each candidate runs twice, the first call paying oneDNN's kernel creation and
+    first-touch page faults, the second timed. The rest of the view runs with the candidate of the
+    fewest seconds per plane, and the choice is kept for the process (per network, plane shape,
+    device, threads and precision), so that a batch's later cases start with it. A view with fewer
+    than TUNE_MIN_RATIO x the trials' planes runs ``most`` planes per call in the given layout.
+    """
+
+    def __init__(self, most: int, channels_last: bool, device: torch.device, precision: str = ""):
+        self.most = int(most) if most and most > 0 else max(TUNE_SIZES)
+        self.channels_last, self.device, self.precision = channels_last, torch.device(device), precision
+        self.trials: dict[tuple, dict] = {}  # key -> {"queue": [...], "seconds": {candidate: s/plane}}
+        self._format: dict[int, bool] = {}
+        self._next: tuple[int, bool] | None = None
+
+    def _key(self, network: torch.nn.Module, plane_shape: tuple) -> tuple:
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 0
+        return (_signature(network), tuple(plane_shape), str(self.device), threads, self.precision, self.most)
+
+    def _trial_planes(self) -> int:
+        first = min(2, self.most)
+        return 2 * (2 * first + sum(s for s in TUNE_SIZES if s <= self.most and s != first))
+
+    def size(self, network: torch.nn.Module, plane_shape: tuple, left: int, total: int) -> int:
+        """Planes of the next call of ``network`` on planes of ``plane_shape`` (``left`` of ``total`` to go)."""
+        key = self._key(network, plane_shape)
+        if key in _CHOICES:
+            size, channels_last, _ = _CHOICES[key]
+        elif key in self.trials or total >= TUNE_MIN_RATIO * self._trial_planes():
+            trial = self.trials.setdefault(key, {"queue": self._layouts(), "seconds": {}})
+            size, channels_last = trial["queue"][0]
+        else:
+            size, channels_last = self.most, self.channels_last
+        self._next = (key, size, channels_last)
+        return size
+
+    def _layouts(self) -> list[tuple[int, bool]]:
+        first = min(2, self.most)
+        return [(first, True), (first, True), (first, False), (first, False)]
+
+    def __call__(self, network: torch.nn.Module, planes: torch.Tensor) -> torch.Tensor:
+        key, size, channels_last = self._next
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        weights = id(next(network.parameters()))  # G_a's wrapper is made anew; its weights are not
+        if self._format.get(weights) != channels_last:
+            network.to(memory_format=memory_format)
+            self._format[weights] = channels_last
+        trial = self.trials.get(key) if key not in _CHOICES else None
+        start = time.perf_counter()
+        pred = network(planes.contiguous(memory_format=memory_format))
+        if trial is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
+            queue = trial["queue"]
+            candidate = queue.pop(0)
+            if candidate not in queue:  # its second call: the timed one
+                trial["seconds"][candidate] = seconds / size
+            if not queue:
+                self._advance(key, trial)
+        return pred
+
+    def _advance(self, key: tuple, trial: dict) -> None:
+        seconds = trial["seconds"]
+        if len(seconds) == 2:  # the layouts are measured: the sizes in the faster one
+            first, channels_last = min(seconds, key=seconds.get)
+            trial["queue"] = [
+                (s, channels_last) for s in TUNE_SIZES if s <= self.most and s != first for _ in range(2)
+            ]
+        if not trial["queue"]:
+            size, channels_last = min(seconds, key=seconds.get)
+            _CHOICES[key] = (size, channels_last, dict(seconds))
+            measured = ", ".join(
+                f"{s} {'channels-last' if cl else 'contiguous'} {t * 1e3:.0f}"
+                for (s, cl), t in seconds.items()
+            )
+            logger.info(
+                f"plane inference: {size} plane{'s' * (size > 1)} per call, "
+                f"{'channels-last' if channels_last else 'contiguous'} (measured ms per plane: {measured})"
+            )
+
+
+def plane_call_choices() -> dict[tuple, tuple[int, bool, dict]]:
+    """What the tuners of this process chose: key -> (planes per call, channels_last, {candidate: s/plane})."""
+    return dict(_CHOICES)
 
 
 BF16_MAX_TIME_SHARE = (
@@ -90,7 +176,7 @@ def run_time_precision(device: torch.device) -> tuple[str, str]:
             )
         else:
             _PRECISION[device.type] = ("", f"float32 on {device.type}")
-        logging.getLogger(__name__).info("plane inference precision: %s", _PRECISION[device.type][1])
+        logger.info("plane inference precision: %s", _PRECISION[device.type][1])
     return _PRECISION[device.type]
 
 
@@ -106,11 +192,13 @@ class PlaneInferer(Inferer):
 
     Args:
         plane_chunk: planes (or axial slice pairs) per network call; the planner sizes it to the
-            memory budget. 0 = all planes of a view at once.
+            memory budget (with ``tune``, the most per call). 0 = all planes of a view at once.
         amp: autocast on the network's device ("bf16", "fp16" or "" for none), or "auto" (the
             planner's choice): decided on the machine that runs the bundle, at its first call
-            (run_time_precision: bf16 on CUDA, on a CPU only where a probe finds it faster).
+            (run_time_precision: bf16 on CUDA, on a CPU only where it has bf16 instructions).
         channels_last: run the convolutions in NHWC (oneDNN's and cuDNN's fast layout).
+        tune: measure the planes per call (``plane_chunk`` at most) and the layout on this machine
+            (``PlaneCallTuner``) instead of ``plane_chunk`` and ``channels_last``.
         cudnn_benchmark: let cuDNN pick the fastest convolution algorithms (CUDA only).
         progress: a progress bar over the chunks (tqdm).
         traced_roi_size: the in-plane size a TorchScript export was traced at (icmd_auto export's 128).
@@ -122,6 +210,7 @@ class PlaneInferer(Inferer):
         amp: str = "",
         channels_last: bool = True,
         cudnn_benchmark: bool = True,
+        tune: bool = False,
         progress: bool = False,
         traced_roi_size: tuple[int, int, int] | list[int] = (128, 128, -1),
     ):
@@ -129,21 +218,17 @@ class PlaneInferer(Inferer):
         if amp not in ("", "bf16", "fp16", "auto"):
             raise ValueError(f"amp must be '', 'bf16', 'fp16' or 'auto', got {amp!r}")
         self.plane_chunk, self.amp, self.channels_last = int(plane_chunk), amp, channels_last
-        self.cudnn_benchmark, self.progress = cudnn_benchmark, progress
+        self.cudnn_benchmark, self.tune, self.progress = cudnn_benchmark, tune, progress
         self.traced_roi_size = tuple(traced_roi_size)
 
-    def _autocast(self, device: torch.device):
-        amp = run_time_precision(device)[0] if self.amp == "auto" else self.amp
-        if not amp:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
+    def _precision(self, device: torch.device) -> str:
+        return run_time_precision(device)[0] if self.amp == "auto" else self.amp
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         net = getattr(network, "module", network)  # DistributedDataParallel wraps the ICMDNet
         device = next(net.parameters()).device
         if device.type == "cpu":
-            torch.set_num_threads(cpu_threads())
+            torch.set_num_threads(cpu_cores())
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
         volume = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
@@ -158,19 +243,21 @@ class PlaneInferer(Inferer):
             return pred.clone()  # outside inference mode: post-processing works on it in place
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         net.to(memory_format=memory_format)
+        precision = self._precision(device)
+        tuner = PlaneCallTuner(self.plane_chunk, self.channels_last, device, precision) if self.tune else None
         counts = net.plane_counts(volume.shape)
-        total = sum(-(-counts[v] // (self.plane_chunk or counts[v])) for v in net.fusion_views)
         bar = None
         if self.progress:
             from tqdm import tqdm
 
+            total = sum(counts[v] for v in net.fusion_views)
             # leave=None: kept when it is the only bar, cleared when it sits under a batch's bar of cases
-            bar = tqdm(total=total, desc="synthesis", unit="chunk", dynamic_ncols=True, leave=None)
+            bar = tqdm(total=total, desc="synthesis", unit="plane", dynamic_ncols=True, leave=None)
         b, _, x, y, z = volume.shape
         # made outside inference mode: the post-processing works on it in place
         out = torch.empty((b, 1, x, y, z * net.factor), dtype=torch.float32, device=volume.device)
         try:
-            with torch.inference_mode(), self._autocast(device):
+            with torch.inference_mode(), autocast(device, precision):
                 return net.synthesize(
                     volume,
                     self.plane_chunk,
@@ -178,6 +265,7 @@ class PlaneInferer(Inferer):
                     prepare=lambda planes: planes.contiguous(memory_format=memory_format),
                     on_chunk=bar.update if bar is not None else None,
                     out=out,
+                    calls=tuner,
                 )
         finally:
             if bar is not None:

@@ -27,7 +27,7 @@ from monai.transforms import EnsureChannelFirst, LoadImaged
 from monai.utils import convert_data_type, get_equivalent_dtype
 
 from .dicom_series import has_dicom_marker, is_series_export
-from .inferers import cpu_threads
+from .runtime import cpu_cores
 
 try:  # ISA-L's deflate: 3x zlib's speed at nibabel's ratio, and threads (docs/PERFORMANCE.md)
     from isal import igzip_threaded
@@ -235,7 +235,7 @@ def open_gzip(path: str | Path, threads: int | None = None):
     """A gzip file to write: python-isal on ``threads`` threads (default: this process's cores)
     where it is installed, else the standard library's at nibabel's level and fixed mtime."""
     if igzip_threaded is not None:
-        return igzip_threaded.open(path, "wb", compresslevel=ISAL_LEVEL, threads=threads or cpu_threads())
+        return igzip_threaded.open(path, "wb", compresslevel=ISAL_LEVEL, threads=threads or cpu_cores())
     return gzip.GzipFile(path, "wb", compresslevel=ZLIB_LEVEL, mtime=0)
 
 

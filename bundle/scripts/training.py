@@ -12,13 +12,12 @@ Per batch of standardised thick patches V (B, 1, X, Y, Z):
 
 Total L = sum_v L_v^int + lambda_cmd * sum_{v in cmd_views} L_v^cmd + lambda_mem * (L^com + L^sep).
 The engine's output is a dict of floats, one per term (the metrics log writes them). With the
-trainer's ``amp`` the losses are computed under ``torch.autocast`` (``autocast``) and stepped
+trainer's ``amp`` the losses are computed under ``runtime.autocast`` (``engine_precision``) and stepped
 through the trainer's GradScaler when it has an enabled one (CUDA).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from typing import Any
@@ -29,24 +28,21 @@ from torch import nn
 
 from .degradation import covered, inplane_pair, inplane_planes, internal_pair, synthesized_mask
 from .losses import WaveletHighFrequencyLoss, cross_view_distillation, memory_losses
+from .runtime import autocast
 
 LOSS_TERMS = ("int_a", "int_c", "int_s", "cmd_c", "cmd_s", "com", "sep", "total")
 
 
-def autocast(engine: Any, device: torch.device):
-    """The engine's mixed precision (MONAI's ``amp`` and ``amp_kwargs``) as a context for ``device``.
+def engine_precision(engine: Any):
+    """The engine's mixed precision (MONAI's ``amp`` and ``amp_kwargs``) as a ``runtime.autocast`` setting.
 
-    With ``engine.amp``: ``torch.autocast`` on the device in ``amp_kwargs["dtype"]`` (train.json's
-    ``amp_dtype``: bf16 by default, which has fp32's exponent range; fp16 overflowed in the paper
-    preset's forward on an H200), else torch's default for the device, bf16 on a CPU. Without:
-    no autocast.
+    With ``engine.amp``: ``amp_kwargs["dtype"]`` (train.json's ``amp_dtype``: bf16 by default, which
+    has fp32's exponent range; fp16 overflowed in the paper preset's forward on an H200), else the
+    device's own (``runtime.autocast_dtype(device, True)``). Without: None (float32).
     """
     if not getattr(engine, "amp", False):
-        return contextlib.nullcontext()
-    kwargs = dict(getattr(engine, "amp_kwargs", None) or {})
-    if device.type != "cuda":
-        kwargs.setdefault("dtype", torch.bfloat16)
-    return torch.autocast(device.type, **kwargs)
+        return None
+    return (getattr(engine, "amp_kwargs", None) or {}).get("dtype") or True
 
 
 def _sample(n: int, k: int, device) -> torch.Tensor:
@@ -248,7 +244,7 @@ class ICMDIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         objective = functools.partial(self.losses, stage=stage, gamma=gamma)
-        with autocast(engine, volume.device):
+        with autocast(volume.device, engine_precision(engine)):
             terms = engine.inferer(volume, engine.network, objective=objective)  # the trainer's train#inferer
         # SupervisedTrainer makes a GradScaler when amp is on (enabled on CUDA only): the loss is
         # scaled against fp16 gradient underflow (harmless with bf16) and steps with inf/NaN skipped

@@ -26,7 +26,8 @@ from monai.handlers import PeakSignalToNoiseRatio
 from .degradation import inplane_pair, inplane_planes, internal_pair, synthesized_mask
 from .evaluation import to_unit
 from .networks import FUSIONS
-from .training import autocast
+from .runtime import autocast
+from .training import engine_precision
 
 
 class SelfSupervisedValidation:
@@ -81,7 +82,7 @@ class SelfSupervisedValidation:
         net = engine.network.module if hasattr(engine.network, "module") else engine.network
         net.eval()
         items = []
-        with torch.no_grad(), autocast(engine, volume.device):
+        with torch.no_grad(), autocast(volume.device, engine_precision(engine)):
             for item in volume.split(1):
                 for view in self.views:
                     pred, target = (

@@ -15,10 +15,16 @@ VIEWS = ("a", "c", "s")
 FUSIONS = {"mean3": ("a", "c", "s"), "mean_cs": ("c", "s"), "a": ("a",), "c": ("c",), "s": ("s",)}
 
 
-def _chunks(n: int, size: int):
-    size = n if size <= 0 else size
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+class _SlicesOnly(nn.Module):
+    """G_a's synthesized slices alone (its forward also returns the bottleneck features); made on
+    demand, so it adds nothing to ICMDNet's state dict."""
+
+    def __init__(self, axial: nn.Module):
+        super().__init__()
+        self.axial = axial
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        return self.axial(slices)[0]
 
 
 class ICMDNet(nn.Module):
@@ -187,10 +193,10 @@ class ICMDNet(nn.Module):
             target = out[b, 0, :, :, part.start * r : part.stop * r].unflatten(-1, (-1, r))
             target[..., 1:] += pred.permute(2, 3, 0, 1)
 
-    def view_network(self, name: str):
+    def view_network(self, name: str) -> nn.Module:
         """The network that synthesises view ``name`` from the planes ``_view_input`` gives."""
         if name == "a":
-            return lambda slices: self.axial(slices)[0]
+            return _SlicesOnly(self.axial)
         return self.sagittal if (name == "s" and self.sagittal is not None) else self.coronal
 
     def synthesize(
@@ -201,21 +207,25 @@ class ICMDNet(nn.Module):
         prepare=None,
         on_chunk=None,
         out: torch.Tensor | None = None,
+        calls=None,
     ) -> torch.Tensor:
         """The fused synthesis, each view on whole planes, ``plane_chunk`` planes per network call.
 
         (B, 1, X, Y, Z) -> (B, 1, X, Y, r*Z) float32 on ``volume``'s device, the same as
         ``forward`` but with memory bounded by the chunk: each chunk of planes is moved to
         ``device`` (default: the network's), passed through ``prepare`` (e.g. a memory-format
-        change), synthesised, and added into the output in place. ``on_chunk()`` is called after
-        each chunk (a progress bar). ``out``: the (B, 1, X, Y, r*Z) float32 buffer to fill
-        (zeroed here), e.g. one made outside ``torch.inference_mode`` so that later steps may
+        change), synthesised, and added into the output in place. ``on_chunk(n)`` is called after
+        each chunk of n planes (a progress bar). ``out``: the (B, 1, X, Y, r*Z) float32 buffer to
+        fill (zeroed here), e.g. one made outside ``torch.inference_mode`` so that later steps may
         modify it in place. Known slices are copied; the last r-1 outputs (past the last
         input slice) hold the c/s networks' extrapolation and G_a's repetition of the last slice.
+        ``calls``: where given (inferers.PlaneCallTuner), it decides each call instead of
+        ``plane_chunk`` and ``prepare``: ``calls.size(network, plane_shape, left, total)`` gives the
+        planes of the next call and ``calls(network, planes)`` runs it.
 
-        Every network call holds exactly ``plane_chunk`` planes in a fresh buffer (the last call is
-        padded with zero planes): convolution libraries pick their algorithm by the batch size, so
-        the same ``plane_chunk`` gives bit-identical output under any memory budget. Each plane's
+        Every network call holds exactly the planes it was given in a fresh buffer (the last call
+        is padded with zero planes): convolution libraries pick their algorithm by the batch size,
+        so the same ``plane_chunk`` gives bit-identical output under any memory budget. Each plane's
         statistics (channel and layer attention) span that whole plane, so regrouping planes
         changes a plane's output only by float rounding.
         """
@@ -231,16 +241,28 @@ class ICMDNet(nn.Module):
             out.zero_()
         for name in used:
             network = self.view_network(name)
+            total = counts[name]
+            plane_shape = tuple(self._view_input(name, volume, 0, slice(0, 1)).shape[1:])
             for item in range(b):
-                for part in _chunks(counts[name], plane_chunk):
+                start = 0
+                while start < total:
+                    if calls is not None:
+                        size = calls.size(network, plane_shape, total - start, total)
+                    else:
+                        size = plane_chunk if plane_chunk > 0 else total
+                    part = slice(start, min(start + size, total))
                     planes = self._view_input(name, volume, item, part).to(device, torch.float32)
                     n = planes.shape[0]
-                    # every call: exactly plane_chunk planes, in a fresh contiguous buffer (see above)
-                    planes = F.pad(planes, (0, 0, 0, 0, 0, 0, 0, max(plane_chunk - n, 0)))
-                    pred = network(prepare(planes) if prepare is not None else planes)[:n]
+                    # every call: exactly `size` planes, in a fresh contiguous buffer (see above)
+                    planes = F.pad(planes, (0, 0, 0, 0, 0, 0, 0, max(size - n, 0)))
+                    if calls is not None:
+                        pred = calls(network, planes)[:n]
+                    else:
+                        pred = network(prepare(planes) if prepare is not None else planes)[:n]
                     self._add_view_output(name, out, item, part, pred.to(out.device, torch.float32))
                     if on_chunk is not None:
-                        on_chunk()
+                        on_chunk(n)
+                    start = part.stop
             if name == "a":  # past the last known slice G_a repeats it (trimmed by the caller)
                 out[..., (z - 1) * r + 1 :] += volume[..., -1:].to(torch.float32)
         out /= len(used)
