@@ -289,7 +289,8 @@ def second_batch(work: Path, scans: list[Path], scratch: Path) -> dict:
     first, _ = run_batch(args, scratch / "lock_first.log")
     while first.poll() is None and not (out / "predict_report.json").exists():
         time.sleep(0.05)
-    second = subprocess.run(command(*args), capture_output=True, text=True, cwd=str(REPO))
+    # with --resume: outputs the first has written already do not refuse it; the lock must
+    second = subprocess.run(command(*args, "--resume"), capture_output=True, text=True, cwd=str(REPO))
     code = first.wait()
     return {"first_exit": code, "second_exit": second.returncode, "second_said": second.stderr.strip()}
 
@@ -404,7 +405,7 @@ def table(r: dict) -> str:
     rss, peak = list(r["rss_mb_after"].items()), list(r["peak_rss_mb_up_to"].items())
     pc = r["per_case_s"]
     lines = [
-        f"`{r['command']}` on {r['machine']} (the pretraining paused; 1-minute load average "
+        f"`{r['command']}` on {r['machine']} (1-minute load average "
         f"{r['load_average_before_after'][0]} before, {r['load_average_before_after'][1]} after), "
         f"{r['total_s']:.0f} s in all.",
         "",
@@ -471,7 +472,7 @@ def table(r: dict) -> str:
         lines.append(f"| disk full | {full['outcome']} |")
     second = night.get("second_batch")
     lines.append("| a second batch | see above |") if second is None else lines.append(
-        f"| a second batch on the same folder | exit {second['second_exit']}: `{second['second_said']}` "
+        f"| a second batch on the same folder (`--resume`) | exit {second['second_exit']}: `{second['second_said']}` "
         f"(the first: exit {second['first_exit']}) |"
     )
     return "\n".join(lines)

@@ -21,7 +21,13 @@ from .runtime import autocast, conv_probe_seconds, cpu_cores
 
 logger = logging.getLogger(__name__)
 
-TUNE_SIZES = (1, 2, 4, 8)  # planes per call the tuner may try (up to the memory budget's limit)
+# planes per call the tuner may try (up to the memory budget's limit): only counts that give the
+# same voxels bit for bit, so that the output never depends on a timing (a killed and resumed batch,
+# or two machines, write identical files). Measured with the shipped x4 prior on a 200 x 160 x 20
+# volume: in channels-last, 2, 4 and 8 planes per call are bit-identical in float32 and in bf16;
+# 1 plane per call (another oneDNN path) and the contiguous layout change voxels by float rounding
+# (up to 6e-7 standardised units in float32, 3e-3 in bf16), so neither is a candidate
+TUNE_SIZES = (2, 4, 8)
 # a view is tuned only where its planes are at least this many times the planes the trials take,
 # so the trials are a small share of it (their outputs are kept: only a slower candidate costs)
 TUNE_MIN_RATIO = 4
@@ -35,18 +41,19 @@ def _signature(network: torch.nn.Module) -> tuple:
 
 
 class PlaneCallTuner:
-    """Planes per network call and memory layout, measured on this machine during the synthesis.
+    """Planes per network call, measured on this machine during the synthesis.
 
     ICMDNet.synthesize asks ``size(network, plane_shape, left, total)`` for the planes of its next
     call and runs it through ``__call__(network, planes)``. The first calls of a view are the
-    trials, and their outputs are kept (a plane's output does not depend on its call, beyond
-    float rounding; tests/test_plane_inference.py): first the two layouts (channels-last and
-    contiguous) at 2 planes per call, then the other sizes of TUNE_SIZES up to ``most`` in the
-    faster layout; each candidate runs twice, the first call paying oneDNN's kernel creation and
-    first-touch page faults, the second timed. The rest of the view runs with the candidate of the
-    fewest seconds per plane, and the choice is kept for the process (per network, plane shape,
-    device, threads and precision), so that a batch's later cases start with it. A view with fewer
-    than TUNE_MIN_RATIO x the trials' planes runs ``most`` planes per call in the given layout.
+    trials, and their outputs are kept (TUNE_SIZES holds only counts whose outputs are
+    bit-identical): the sizes of TUNE_SIZES up to ``most``, in the given layout (channels-last by
+    default: the layout changes voxels by float rounding, so it is not tuned; it was the faster on
+    every CPU measured, docs/PERFORMANCE.md); each candidate runs twice, the first call paying
+    oneDNN's kernel creation and first-touch page faults, the second timed. The rest of the view
+    runs with the candidate of the fewest seconds per plane, and the choice is kept for the process
+    (per network, plane shape, device, threads and precision), so that a batch's later cases start
+    with it. A view with fewer than TUNE_MIN_RATIO x the trials' planes, or a budget that holds
+    fewer than two sizes, runs ``most`` planes per call.
     """
 
     def __init__(self, most: int, channels_last: bool, device: torch.device, precision: str = ""):
@@ -60,16 +67,20 @@ class PlaneCallTuner:
         threads = torch.get_num_threads() if self.device.type == "cpu" else 0
         return (_signature(network), tuple(plane_shape), str(self.device), threads, self.precision, self.most)
 
+    def _candidates(self) -> list[int]:
+        return [s for s in TUNE_SIZES if s <= self.most]
+
     def _trial_planes(self) -> int:
-        first = min(2, self.most)
-        return 2 * (2 * first + sum(s for s in TUNE_SIZES if s <= self.most and s != first))
+        return 2 * sum(self._candidates())
 
     def size(self, network: torch.nn.Module, plane_shape: tuple, left: int, total: int) -> int:
         """Planes of the next call of ``network`` on planes of ``plane_shape`` (``left`` of ``total`` to go)."""
         key = self._key(network, plane_shape)
         if key in _CHOICES:
             size, channels_last, _ = _CHOICES[key]
-        elif key in self.trials or total >= TUNE_MIN_RATIO * self._trial_planes():
+        elif key in self.trials or (
+            len(self._candidates()) > 1 and total >= TUNE_MIN_RATIO * self._trial_planes()
+        ):
             trial = self.trials.setdefault(key, {"queue": self._layouts(), "seconds": {}})
             size, channels_last = trial["queue"][0]
         else:
@@ -78,8 +89,8 @@ class PlaneCallTuner:
         return size
 
     def _layouts(self) -> list[tuple[int, bool]]:
-        first = min(2, self.most)
-        return [(first, True), (first, True), (first, False), (first, False)]
+        """The trial calls: each candidate twice (the second timed), in the given layout."""
+        return [(size, self.channels_last) for size in self._candidates() for _ in range(2)]
 
     def __call__(self, network: torch.nn.Module, planes: torch.Tensor) -> torch.Tensor:
         key, size, channels_last = self._next
@@ -105,11 +116,6 @@ class PlaneCallTuner:
 
     def _advance(self, key: tuple, trial: dict) -> None:
         seconds = trial["seconds"]
-        if len(seconds) == 2:  # the layouts are measured: the sizes in the faster one
-            first, channels_last = min(seconds, key=seconds.get)
-            trial["queue"] = [
-                (s, channels_last) for s in TUNE_SIZES if s <= self.most and s != first for _ in range(2)
-            ]
         if not trial["queue"]:
             size, channels_last = min(seconds, key=seconds.get)
             _CHOICES[key] = (size, channels_last, dict(seconds))
