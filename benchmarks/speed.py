@@ -167,7 +167,10 @@ def measure(slices: int, root: Path, rooflines: dict, extra_plan: list[str], zer
     assert out_shape == (512, 512, (slices - 1) * FACTOR + 1), out_shape
     voxels = int(np.prod(out_shape))
     flops = float(plans["flops_per_output_voxel"]["value"]) * voxels
-    roofline = rooflines[plans["plane_inference"]["value"].get("amp") or "fp32"]  # at the plan's precision
+    amp = plans["plane_inference"]["value"].get("amp")
+    if amp == "auto":  # decided where the bundle runs: here, as the inferer decides it
+        amp = scripts.inferers.run_time_precision(torch.device("cpu"))[0]
+    roofline = rooflines[amp or "fp32"]  # at the precision the prediction ran in
     linear = linear_seconds(volume)
     return {
         "volume": f"512x512x{slices}",

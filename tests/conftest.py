@@ -170,3 +170,10 @@ def phantom_work(tmp_path_factory) -> Path:
     result = run_bundle(root / "work" / "bundle", ["train.json"], TINY_TRAIN)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / "work"
+
+
+@pytest.fixture(autouse=True)
+def _shipped_priors(monkeypatch):
+    """Every test starts with the shipped priors: ``--prior DIR`` in-process (prior.use_directory)
+    sets ICMD_AUTO_PRIORS for the process, and monkeypatch restores it after the test."""
+    monkeypatch.setenv("ICMD_AUTO_PRIORS", "")  # empty: prior_dir() takes the shipped folder
