@@ -63,7 +63,7 @@ LISTED_FAILURES = 20
 
 
 def now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
