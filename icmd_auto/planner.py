@@ -952,8 +952,8 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
     if options.trains and holdout:
         val_steps = validation_steps(net, iteration, validation, patch, batch, num_levels, shapes, holdout)
 
-    def validations_in(schedule: dict) -> int:
-        value, _ = decide_validation(
+    def validation_for(schedule: dict) -> tuple[dict, str]:
+        return decide_validation(
             net,
             iteration,
             validation,
@@ -966,7 +966,9 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
             schedule,
             val_steps,
         )
-        return validation_count(schedule["epochs"], value)
+
+    def validations_in(schedule: dict) -> int:
+        return validation_count(schedule["epochs"], validation_for(schedule)[0])
 
     step_seconds, step = None, None
     if options.time_budget_min is not None:
@@ -1004,21 +1006,7 @@ def plan_experiment(fingerprint: dict, options: PlanOptions) -> dict:
     schedule, schedule_reason = decide_schedule(preset, options, num_levels, start_fractions, step_seconds)
     plan["training"] = decision(schedule, schedule_reason)
     if options.trains:
-        plan["validation"] = decision(
-            *decide_validation(
-                net,
-                iteration,
-                validation,
-                patch,
-                batch,
-                num_levels,
-                shapes,
-                holdout,
-                holdout_reason,
-                schedule,
-                val_steps,
-            )
-        )
+        plan["validation"] = decision(*validation_for(schedule))
     else:
         plan["validation"] = decision(
             {"holdout_slices": holdout, "interval": 1},
