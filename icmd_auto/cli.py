@@ -246,6 +246,7 @@ def pretrain(
     lease_minutes: float | None = None,
     resume: bool = False,
     init_from: str | None = None,
+    reparam: bool = False,
     leave_out: str | list | None = None,
     skip_bad: bool = False,
     thin: bool = True,
@@ -259,7 +260,7 @@ def pretrain(
     device: str | None = None,
     lr: float | None = None,
 ):
-    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out. --preset: small | medium | paper; --slice_profile: removal | average."""
+    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out. --reparam trains the 3x3 convolutions re-parameterised (ECBSR-style branches summed into one kernel) and writes them folded: the preset's network at its speed. --preset: small | medium | paper; --slice_profile: removal | average."""
     from .pretrain import PretrainOptions, command_line
     from .pretrain import pretrain as run_pretrain
 
@@ -287,6 +288,7 @@ def pretrain(
         device=device or ("cuda" if _cuda() else "cpu"),
         resume=resume,
         init_from=Path(init_from) if init_from else None,
+        reparam=bool(reparam),
         command=command_line(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else []),
     )
     card = run_pretrain(opts)

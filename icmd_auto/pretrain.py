@@ -518,6 +518,7 @@ class PretrainOptions:
     bf16: bool | None = None
     resume: bool = False
     init_from: Path | None = None
+    reparam: bool = False  # train the 3x3 convolutions re-parameterised (networks/reparam.py), ship them folded
     progress: bool | None = None  # a bar (terminal) or plain lines; None: by whether stderr is a terminal
     command: str = "icmd_auto pretrain"
 
@@ -594,6 +595,13 @@ def pretrain(opts: PretrainOptions) -> dict:
     random.seed(opts.seed + factor)
 
     previous = None
+    if opts.init_from is not None and not opts.resume:
+        previous = continued_card(opts.init_from, factor)
+        weights = opts.init_from / f"prior_x{factor}.pt"
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    if opts.reparam:  # before a checkpoint's weights, which are the expanded network's
+        for view in {net.coronal, net.sagittal} - {None}:
+            scripts.networks.reparam.expand(view)
     if opts.resume:
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         if saved.get("format") != CHECKPOINT_FORMAT:
@@ -604,8 +612,9 @@ def pretrain(opts: PretrainOptions) -> dict:
             ("factor", factor),
             ("preset", opts.preset),
             ("slice_profile", opts.slice_profile),
+            ("reparam", opts.reparam),
         ):
-            if saved[key] != given:
+            if saved.get(key, False) != given:
                 raise ICMDError(f"--resume: {ckpt.name} was trained with {key} {saved[key]!r}, not {given!r}")
         intensity, state = saved["intensity"], saved["state"]
         if sorted(state["volumes"]) != sorted(volumes):
@@ -616,10 +625,7 @@ def pretrain(opts: PretrainOptions) -> dict:
         net.load_state_dict(saved["model"])
     else:
         intensity = intensity_statistics(volumes)
-        if opts.init_from is not None:
-            previous = continued_card(opts.init_from, factor)
-            weights = opts.init_from / f"prior_x{factor}.pt"
-            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        if previous is not None:
             intensity = previous["intensity"]  # its weights expect it
         state = {
             "step": 0,
@@ -708,6 +714,7 @@ def pretrain(opts: PretrainOptions) -> dict:
                 "factor": factor,
                 "preset": opts.preset,
                 "slice_profile": opts.slice_profile,
+                "reparam": opts.reparam,
                 "intensity": intensity,
                 "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -736,9 +743,8 @@ def pretrain(opts: PretrainOptions) -> dict:
                 if point["psnr"] > state["best"]:
                     state["best"] = point["psnr"]
                     best_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                    save_atomically(
-                        {k: v.cpu() for k, v in best_weights.items()}, out / f"prior_x{factor}.pt"
-                    )
+                    plain = scripts.networks.reparam.folded_state_dict(net) if opts.reparam else best_weights
+                    save_atomically({k: v.cpu() for k, v in plain.items()}, out / f"prior_x{factor}.pt")
                 write_card(context, state)
                 bar.validation(point)
         if done or time.perf_counter() >= next_checkpoint:
@@ -913,6 +919,13 @@ def write_card(context: dict, state: dict) -> dict:
         "method": RECIPES[RECIPE],
         "preset": opts.preset,
         "architecture": {"axial": preset.axial, "planar": preset.planar},
+        "reparam": (
+            "trained with re-parameterised 3x3 convolutions (3x3, 1x1, 1x1-expansion-3x3, Sobel/Laplacian edge "
+            "and identity branches summed into one kernel; bundle/scripts/networks/reparam.py), shipped folded: "
+            "the architecture above, at its speed"
+            if opts.reparam
+            else False
+        ),
         "intensity": context["intensity"],
         "slice_profile": opts.slice_profile,
         "scale_range": list(opts.scale_range),

@@ -328,3 +328,43 @@ def test_predict_and_plan_take_a_prior_folder_that_pretrain_wrote(
         == 1
     )
     assert "no prior (prior_xR.pt with its card prior_xR.json)" in capsys.readouterr().err
+
+
+def test_reparameterised_training_keeps_the_function_and_folds_into_the_plain_network():
+    """expand() changes no output; after training-like changes, fold() gives the plain network's
+    state dict (strict load) with the expanded network's outputs; each branch reaches the kernel."""
+    from conftest import perturbed
+
+    reparam = scripts.networks.reparam
+    net = perturbed(build_network(4, PRESETS["tiny"], RECIPES["inplane"]).coronal, seed=1)
+    planes = torch.randn(3, 1, 20, 6, generator=torch.Generator().manual_seed(0))
+    before = net(planes)
+    expanded = pt.copy.deepcopy(net)
+    assert reparam.expand(expanded) == sum(
+        isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in net.modules()
+    )
+    assert torch.equal(expanded(planes), before)
+    perturbed(expanded, seed=2)  # every branch moves, as training moves it
+    after = expanded(planes)
+    assert (after - before).abs().max() > 1e-3
+    plain = build_network(4, PRESETS["tiny"], RECIPES["inplane"]).coronal
+    plain.load_state_dict(reparam.folded_state_dict(expanded), strict=True)
+    assert torch.allclose(plain(planes), after, atol=1e-5)
+    # each branch contributes to the folded kernel (a branch left out of kernel() would pass the above)
+    conv = next(m for m in expanded.modules() if isinstance(m, reparam.RepConv2d) and m.identity_scale is not None)
+    for name in ("k1", "expand_out", "edge_scale", "identity_scale"):
+        kernel = conv.kernel().detach().clone()
+        with torch.no_grad():
+            getattr(conv, name).add_(0.1)
+        assert not torch.allclose(conv.kernel(), kernel), name
+
+
+def test_a_reparameterised_prior_is_written_folded_and_resumes_only_as_such(data_dir, tmp_path):
+    card = run(data_dir, tmp_path / "rep", "--steps", "3", "--stop_after", "2", "--reparam")
+    assert card["reparam"] and card["architecture"]["planar"] == PRESETS["tiny"].planar
+    net = build_network(2, PRESETS["tiny"], RECIPES["inplane"])
+    net.load_state_dict(torch.load(tmp_path / "rep" / "prior_x2.pt", weights_only=True), strict=True)
+    argv = ["pretrain", "--data_dir", str(data_dir), "--factor", "2", "--out", str(tmp_path / "rep")]
+    argv += ["--preset", "tiny", "--patch", "24", "--planes", "4", "--threads", "1", "--nobf16", "--resume"]
+    assert cli.main(argv + ["--steps", "3"]) == 1, "a reparameterised run does not continue as a plain one"
+    assert run(data_dir, tmp_path / "rep", "--steps", "3", "--resume", "--reparam")["iterations"] == 3

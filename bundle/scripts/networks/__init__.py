@@ -2,5 +2,6 @@ from .axial import AxialSliceInterpolator
 from .han import HANInterpolator
 from .icmd import FUSIONS, VIEWS, ICMDNet
 from .memory import MemoryBank
+from . import reparam
 
-__all__ = ["AxialSliceInterpolator", "HANInterpolator", "ICMDNet", "MemoryBank", "FUSIONS", "VIEWS"]
+__all__ = ["AxialSliceInterpolator", "HANInterpolator", "ICMDNet", "MemoryBank", "reparam", "FUSIONS", "VIEWS"]
