@@ -518,7 +518,8 @@ class PretrainOptions:
     bf16: bool | None = None
     resume: bool = False
     init_from: Path | None = None
-    reparam: bool = False  # train the 3x3 convolutions re-parameterised (networks/reparam.py), ship them folded
+    # train the 3x3 convolutions re-parameterised (networks/reparam.py), write them folded
+    reparam: bool = False
     progress: bool | None = None  # a bar (terminal) or plain lines; None: by whether stderr is a terminal
     command: str = "icmd_auto pretrain"
 

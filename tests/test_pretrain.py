@@ -351,7 +351,9 @@ def test_reparameterised_training_keeps_the_function_and_folds_into_the_plain_ne
     plain.load_state_dict(reparam.folded_state_dict(expanded), strict=True)
     assert torch.allclose(plain(planes), after, atol=1e-5)
     # each branch contributes to the folded kernel (a branch left out of kernel() would pass the above)
-    conv = next(m for m in expanded.modules() if isinstance(m, reparam.RepConv2d) and m.identity_scale is not None)
+    conv = next(
+        m for m in expanded.modules() if isinstance(m, reparam.RepConv2d) and m.identity_scale is not None
+    )
     for name in ("k1", "expand_out", "edge_scale", "identity_scale"):
         kernel = conv.kernel().detach().clone()
         with torch.no_grad():
