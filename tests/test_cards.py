@@ -104,3 +104,19 @@ def test_card_licences_are_its_volumes_licences(card_path):
     if "data_licence" in card:
         named = set(CC_LICENCE.findall(card["data_licence"]))
         assert named == {lic for lic in per_volume if lic.startswith("CC BY")}, (named, sorted(per_volume))
+
+
+@pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.stem)
+def test_every_shipped_card_states_its_compute_its_leases_and_its_curve(card_path):
+    card = json.loads(card_path.read_text())
+    assert isinstance(card.get("cpu_hours"), float) and card["cpu_hours"] >= 0, "CPU-hours in total"
+    if card["cpu_hours"] == 0:
+        assert card.get("gpu_hours", 0) > 0, "a prior trained on no CPU says what it trained on"
+    leases = card.get("leases") or []
+    assert leases and all(lease.get("command") and lease.get("steps", 0) > 0 for lease in leases), (
+        "each lease"
+    )
+    assert sum(lease["steps"] for lease in leases) == card["iterations"]
+    curve = card["validation"]["curve"]
+    assert len(curve) >= 2 and curve[0]["iteration"] == 0 and curve[-1]["iteration"] <= card["iterations"]
+    assert card["validation"]["best"] in curve
