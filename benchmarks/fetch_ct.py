@@ -255,6 +255,125 @@ def soft_tissue_sarcoma(number: int) -> Source:
 
 
 SOURCES = SOURCES + tuple(soft_tissue_sarcoma(n) for n in range(1, 52))
+
+CC_BY_4 = "https://creativecommons.org/licenses/by/4.0/"
+LUNG_PET_CT_DX = ("huyenbui117/lung_CT", "520adfe9e2e8e2b8c02985b228002c5b2997e5b6")
+LUNG_PET_CT_DX_DIR = "Lung-PET-CT-Dx/manifest-1675442780019/Lung-PET-CT-Dx"
+A0002_STUDY = "Lung_Dx-A0002/04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834"
+LUNG_PET_CT_DX_ATTRIBUTION = (
+    "Li P, Wang S, Li T, Lu J, HuangFu Y, Wang D. (2020). A Large-Scale CT and PET/CT Dataset for Lung "
+    "Cancer Diagnosis (Lung-PET-CT-Dx) [Data set]. The Cancer Imaging Archive. "
+    "doi:10.7937/TCIA.2020.NNC2-0461; " + TCIA_CITATION
+)
+
+
+def lung_pet_ct_dx(
+    name: str, series: str, anatomy: str, sha256: str, shape: tuple, spacing_mm: tuple
+) -> Source:
+    """One whole CT series of huyenbui117/lung_CT's Lung-PET-CT-Dx download (``series``: its
+    folder under the collection's folder, as the NBIA Data Retriever named it)."""
+    return Source(
+        name=name,
+        repo=LUNG_PET_CT_DX[0],
+        commit=LUNG_PET_CT_DX[1],
+        path=f"{LUNG_PET_CT_DX_DIR}/{series}",
+        anatomy=anatomy,
+        collection=f"Lung-PET-CT-Dx (TCIA), patient {series.split('/')[0]}",
+        licence="CC BY 4.0",
+        licence_url=CC_BY_4,
+        attribution=LUNG_PET_CT_DX_ATTRIBUTION,
+        via=(
+            "huyenbui117/lung_CT (an NBIA Data Retriever download committed whole: the collection's "
+            "LICENSE, CC BY 4.0, and metadata.csv beside the series)"
+        ),
+        sha256=sha256,
+        shape=shape,
+        spacing_mm=spacing_mm,
+    )
+
+
+SOURCES = SOURCES + (
+    lung_pet_ct_dx(
+        "lung_pet_ct_dx_a0001_chest_5mm_l",
+        "Lung_Dx-A0001/04-04-2007-NA-Chest-07990/2.000000-5mm-40805",
+        "chest, Philips Brilliance 16, 5 mm, lung kernel L",
+        "6f8e1cb893a319db379dddd1f6f45b3649cbdb1ffdcd96db54bc0779fd646c44",
+        (512, 512, 64),
+        (0.8418, 0.8418, 5.0),
+    ),
+    lung_pet_ct_dx(
+        "lung_pet_ct_dx_a0001_chest_5mm_b",
+        "Lung_Dx-A0001/04-04-2007-NA-Chest-07990/3.000000-5mm-41315",
+        "chest, Philips Brilliance 16, 5 mm, standard kernel B (same scan as kernel L)",
+        "db1ce8a6827e77e5f84cb1f50c960231942041286a5ada8ca9be03bd49e980a7",
+        (512, 512, 64),
+        (0.8418, 0.8418, 5.0),
+    ),
+    lung_pet_ct_dx(
+        "lung_pet_ct_dx_a0002_chest_8mm_b70f",
+        f"{A0002_STUDY}/2.000000-ThoraxRoutine  8.0.0  B70f-62919",
+        "chest, Siemens, 8 mm, sharp kernel B70f",
+        "27ee6b753ece213c23d0712f48c11b031ae1e54ad5121f3b1b35f246f70332a7",
+        (512, 512, 30),
+        (0.6465, 0.6465, 8.0),
+    ),
+    lung_pet_ct_dx(
+        "lung_pet_ct_dx_a0002_chest_8mm_b40f",
+        f"{A0002_STUDY}/3.000000-ThoraxRoutine  8.0.0  B40f-10983",
+        "chest, Siemens, 8 mm, soft kernel B40f (same scan as B70f)",
+        "954865abf56a154a391ffa4dbdb18feba1f7a0736ec45df311d5344113a92b1c",
+        (512, 512, 30),
+        (0.6465, 0.6465, 8.0),
+    ),
+    Source(
+        name="cptac_lscc_c3n_00247_chest_3mm",
+        repo="deep-learning-with-pytorch/dlwpt-code",
+        commit="d6c0210143daa133bbdeddaffc8993b1e17b5174",
+        path="data/p1ch4/volumetric-dicom/2-LUNG 3.0  B70f-04083",
+        anatomy="chest (contrast), Siemens Sensation 16, 3 mm, kernel B70f",
+        collection="CPTAC-LSCC (TCIA), patient C3N-00247",
+        licence="CC BY 4.0",
+        licence_url=CC_BY_4,
+        attribution=(
+            "National Cancer Institute Clinical Proteomic Tumor Analysis Consortium (CPTAC). (2018). The "
+            "Clinical Proteomic Tumor Analysis Consortium Lung Squamous Cell Carcinoma Collection "
+            "(CPTAC-LSCC) [Data set]. The Cancer Imaging Archive. doi:10.7937/K9/TCIA.2018.6EMUB5L2; "
+            + TCIA_CITATION
+        ),
+        via=(
+            "deep-learning-with-pytorch/dlwpt-code (the book's chapter 4 example); the repository names no "
+            "source: the files' own headers do (TCIA UID root 1.3.6.1.4.1.14519.5.2.1, TCIA's CTP project "
+            "tag (0013,1010) 'CPTAC-LSCC', PatientID C3N-00247, de-identified per PS3.15 Annex E)"
+        ),
+        sha256="d4e3f2b360627b1a97332cc542480b7b722f43673fa55311cb744d2ad390ecae",
+        shape=(512, 512, 99),
+        spacing_mm=(0.5645, 0.5645, 3.0),
+    ),
+    Source(
+        name="cc_tumor_heterogeneity_ccth_a01_trunk_2.5mm",
+        repo="Marcus-Milantoni/Slicer_scripting_tutorial",
+        commit="0b488164b59dec44ac980a3b8f2a5635e0efc46f",
+        path="example_patients/cervical_cancer/CT_images",
+        anatomy="neck to upper thighs (the CT of an FDG PET/CT, cervical cancer), GE, 2.5 mm, STANDARD",
+        collection="CC-Tumor-Heterogeneity (TCIA), patient CCTH-A01",
+        licence="CC BY 4.0",
+        licence_url=CC_BY_4,
+        attribution=(
+            "Mayr N, Yuh WTC, Bowen S, Harkenrider M, Knopp MV, Lee EY-P, Leung E, Lo SS, Small W Jr, "
+            "Wolfson AH. (2023). Cervical Cancer - Tumor Heterogeneity: Serial Functional and Molecular "
+            "Imaging Across the Radiation Therapy Course in Advanced Cervical Cancer "
+            "(CC-Tumor-Heterogeneity) (Version 1) [Data set]. The Cancer Imaging Archive. "
+            "doi:10.7937/ERZ5-QZ59; " + TCIA_CITATION
+        ),
+        via=(
+            "Marcus-Milantoni/Slicer_scripting_tutorial (MIT code; README.md, 'Cervical Cancer', names the "
+            "collection and its citation), the whole CT series of the PET/CT"
+        ),
+        sha256="a6f93a687dcea21d2b2f8a022385427545bedbf63b3015b7ba282621f3b127ac",
+        shape=(512, 512, 296),
+        spacing_mm=(0.9355, 0.9355, 2.5),
+    ),
+)
 SPACING_TOLERANCE_MM = 1e-3
 # Below air there is no tissue: what a series holds there is the scanner's fill for pixels outside
 # the reconstructed field of view (LIDC-IDRI: -2048 or -3024 HU, about a fifth of each slice). It is
