@@ -25,6 +25,8 @@ from .errors import ICMDError  # noqa: E402
 from .prior import use_directory as use_prior_directory  # noqa: E402
 from .report import format_report  # noqa: E402
 
+KEEP_CHOICES = ("best", "last")  # icmd_auto pretrain --keep
+
 logger = logging.getLogger("icmd_auto")
 
 
@@ -247,6 +249,7 @@ def pretrain(
     resume: bool = False,
     init_from: str | None = None,
     reparam: bool = False,
+    keep: str = "best",
     leave_out: str | list | None = None,
     skip_bad: bool = False,
     thin: bool = True,
@@ -260,7 +263,7 @@ def pretrain(
     device: str | None = None,
     lr: float | None = None,
 ):
-    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out. --reparam trains the 3x3 convolutions re-parameterised (ECBSR-style branches summed into one kernel) and writes them folded: the preset's network at its speed. --preset: small | medium | paper; --slice_profile: removal | average."""
+    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out. --keep best|last: prior_xR.pt holds the weights best by the held-out validation (default) or the last step's (a finished run takes --resume --keep last to write them). --reparam trains the 3x3 convolutions re-parameterised (ECBSR-style branches summed into one kernel) and writes them folded: the preset's network at its speed. --preset: small | medium | paper; --slice_profile: removal | average."""
     from .pretrain import PretrainOptions, command_line
     from .pretrain import pretrain as run_pretrain
 
@@ -289,6 +292,7 @@ def pretrain(
         resume=resume,
         init_from=Path(init_from) if init_from else None,
         reparam=bool(reparam),
+        keep=_keep(keep),
         command=command_line(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else []),
     )
     card = run_pretrain(opts)
@@ -298,6 +302,12 @@ def pretrain(
         f"{card['cpu_hours']:.2f} CPU-hours; held-out PSNR {best['psnr']:.2f} dB vs linear {best['linear']:.2f} "
         f"({best['psnr'] - best['linear']:+.2f}); {card['validation']['assessment']}"
     )
+
+
+def _keep(value: str) -> str:
+    if value not in KEEP_CHOICES:
+        raise ICMDError(f"--keep must be one of {', '.join(KEEP_CHOICES)}, not {value!r}")
+    return value
 
 
 def _words(value) -> list[str]:
@@ -421,6 +431,7 @@ def _option_help() -> dict[str, dict[str, str]]:
             "preset": f"the network size: {_choices(PRESETS)} (default: small)",
             "slice_profile": f"{profiles} (default: removal)",
             "device": "cpu | cuda (default: cuda where a GPU is present)",
+            "keep": f"the weights prior_xR.pt holds: {' | '.join(KEEP_CHOICES)} (default: best by the held-out validation)",
         },
         "version": {},
         "demo": {

@@ -445,6 +445,12 @@ def cosine_rate(lr: float, lr_min: float, step: int, total: int) -> float:
 # ------------------------------------------------------------------------------------------- the run
 
 
+def save_weights(net, reparam: bool, path: Path) -> None:
+    """The prior file: ``net``'s weights as the plain network's (folded where trained ``--reparam``)."""
+    weights = scripts.networks.reparam.folded_state_dict(net) if reparam else net.state_dict()
+    save_atomically({k: v.detach().cpu().clone() for k, v in weights.items()}, path)
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -520,6 +526,8 @@ class PretrainOptions:
     init_from: Path | None = None
     # train the 3x3 convolutions re-parameterised (networks/reparam.py), write them folded
     reparam: bool = False
+    # the weights prior_x{r}.pt holds: "best" by the held-out validation, or the "last" step's
+    keep: str = "best"
     progress: bool | None = None  # a bar (terminal) or plain lines; None: by whether stderr is a terminal
     command: str = "icmd_auto pretrain"
 
@@ -694,12 +702,14 @@ def pretrain(opts: PretrainOptions) -> dict:
         else:  # in steps, not seconds: the curve's points do not depend on the machine's load
             state["validate_every"] = max(total // VALIDATION_POINTS, 1)
         state["total_steps"], state["hours"] = total, opts.hours if opts.steps is None else None
-    state["leases"].append(lease)
     total = state["total_steps"]
     context = {"opts": opts, "intensity": intensity, "preset": preset, "volumes": volumes, "bank": bank}
-    if state["step"] >= total:
+    if state["step"] >= total:  # no lease: nothing trains
         logger.info("x%d: its %d-step schedule is done; nothing to train", factor, total)
+        if opts.keep == "last":  # the run's final weights, e.g. of a run that kept its best
+            save_weights(net, opts.reparam, out / f"prior_x{factor}.pt")
         return write_card(context, state)
+    state["leases"].append(lease)
 
     bar = progress_bar(opts.progress, total, state["step"], f"x{factor}")
     start = time.perf_counter()
@@ -741,11 +751,12 @@ def pretrain(opts: PretrainOptions) -> dict:
                 point = {"iteration": state["step"], "seconds": round(state["seconds"], 1)}
                 point |= validate(net, items, validation, factor) | {"lease": lease["lease"]}
                 state["curve"].append(point)
-                if point["psnr"] > state["best"]:
+                improved = point["psnr"] > state["best"]
+                if improved:
                     state["best"] = point["psnr"]
                     best_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                    plain = scripts.networks.reparam.folded_state_dict(net) if opts.reparam else best_weights
-                    save_atomically({k: v.cpu() for k, v in plain.items()}, out / f"prior_x{factor}.pt")
+                if improved or opts.keep == "last":
+                    save_weights(net, opts.reparam, out / f"prior_x{factor}.pt")
                 write_card(context, state)
                 bar.validation(point)
         if done or time.perf_counter() >= next_checkpoint:
@@ -963,6 +974,11 @@ def write_card(context: dict, state: dict) -> dict:
             "the thin volumes, its coronal/sagittal planes degraded along z; PSNR on the evaluation protocol's HU "
             "scale, synthesized positions, mean over volumes",
             "best": best,
+            "kept": (
+                {"weights": "last", "iteration": state["step"]}
+                if opts.keep == "last"
+                else {"weights": "best", "iteration": best["iteration"]}
+            ),
             "assessment": assess(state["curve"]),
             "curve": state["curve"],
         },

@@ -370,3 +370,36 @@ def test_a_reparameterised_prior_is_written_folded_and_resumes_only_as_such(data
     argv += ["--preset", "tiny", "--patch", "24", "--planes", "4", "--threads", "1", "--nobf16", "--resume"]
     assert cli.main(argv + ["--steps", "3"]) == 1, "a reparameterised run does not continue as a plain one"
     assert run(data_dir, tmp_path / "rep", "--steps", "3", "--resume", "--reparam")["iterations"] == 3
+
+
+def test_keep_last_writes_the_final_weights_and_a_finished_run_can_switch_to_them(data_dir, tmp_path):
+    card = run(data_dir, tmp_path / "p", "--steps", "3", "--lr", "0.5")  # a rate that spoils the weights
+    assert card["validation"]["kept"] == {"weights": "best", "iteration": 0}
+    final = torch.load(tmp_path / "p" / "prior_x2.ckpt", weights_only=False)["model"]
+    best = torch.load(tmp_path / "p" / "prior_x2.pt", weights_only=True)
+    card = run(data_dir, tmp_path / "p", "--steps", "3", "--resume", "--keep", "last")
+    assert card["validation"]["kept"] == {"weights": "last", "iteration": 3}
+    kept = torch.load(tmp_path / "p" / "prior_x2.pt", weights_only=True)
+    assert all(torch.equal(kept[k], final[k]) for k in final)
+    assert any(not torch.equal(best[k], final[k]) for k in final)
+
+    card = run(data_dir, tmp_path / "q", "--steps", "3", "--keep", "last")
+    kept = torch.load(tmp_path / "q" / "prior_x2.pt", weights_only=True)
+    final = torch.load(tmp_path / "q" / "prior_x2.ckpt", weights_only=False)["model"]
+    assert all(torch.equal(kept[k], final[k]) for k in final)
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--data_dir",
+                str(data_dir),
+                "--factor",
+                "2",
+                "--out",
+                str(tmp_path / "r"),
+                "--keep",
+                "worst",
+            ]
+        )
+        == 1
+    )

@@ -1,7 +1,15 @@
+from . import reparam
 from .axial import AxialSliceInterpolator
 from .han import HANInterpolator
 from .icmd import FUSIONS, VIEWS, ICMDNet
 from .memory import MemoryBank
-from . import reparam
 
-__all__ = ["AxialSliceInterpolator", "HANInterpolator", "ICMDNet", "MemoryBank", "reparam", "FUSIONS", "VIEWS"]
+__all__ = [
+    "AxialSliceInterpolator",
+    "HANInterpolator",
+    "ICMDNet",
+    "MemoryBank",
+    "reparam",
+    "FUSIONS",
+    "VIEWS",
+]
