@@ -8,11 +8,13 @@ Rows, scored on synthesized slices against V, all in this run:
   warm start B min   ``plan --init prior`` + ``train`` within B minutes (the prior fine-tuned on V's thick
                      input), for each B of --budgets, at each learning-rate share of --warm_lr_shares;
   scratch B min      ``plan --init scratch`` + ``train`` within B minutes, for each B of --budgets;
+  ..., last weights  a trained row's last weights instead of those its validation kept (model.pt);
   linear, cubic      interpolation along z.
 
     python benchmarks/loo.py --priors runs/gpu_pretrain                      # zero-shot rows
     python benchmarks/loo.py --priors runs/gpu_pretrain --budgets 3 10       # + warm start and scratch
     python benchmarks/loo.py --priors P --budgets 3 --warm_lr_shares 1 0.33 0.1  # the fine-tuning rate
+    python benchmarks/loo.py --priors P --budgets 10 30 --recipe icmd --inits prior  # the paper's recipe, warm
 
 Writes the table into docs/RESULTS.md (between markers) and the numbers to docs/results_loo.json.
 """
@@ -57,11 +59,13 @@ def train_row(
     budget_min: float,
     init: str,
     lr_share: float | None = None,
+    recipe: str | None = None,
 ) -> dict:
-    """plan (``init``) -> train within ``budget_min`` -> predict, scored; ``lr_share`` scales the
-    preset's learning rate of a warm start (the planner's share when None)."""
+    """plan (``init``, ``recipe``: the planner's when None) -> train within ``budget_min`` -> predict,
+    scored; ``lr_share`` scales the preset's learning rate of a warm start (the planner's share when None)."""
     dataset = write_dataset_json(work.parent / f"{work.name}.json", training=[str(thick_path)], name="loo")
-    plans = api.plan(dataset, work, factor=factor, time_budget_min=budget_min, init=init)
+    recipe_option = {"recipe": recipe} if recipe else {}
+    plans = api.plan(dataset, work, factor=factor, time_budget_min=budget_min, init=init, **recipe_option)
     overrides = {}
     if lr_share is not None:
         overrides["learning_rate"] = plans["preset_values"]["learning_rate"] * lr_share
@@ -70,12 +74,26 @@ def train_row(
     trained = time.perf_counter() - start
     out = work.parent / f"{work.name}.nii.gz"
     api.predict(work, thick_path, out, overwrite=True, quiet=True)
-    return score(out, reference, factor) | {
+    row = score(out, reference, factor) | {
         "train_s": trained,
         "learning_rate": plans["training"]["value"]["learning_rate"]
         if lr_share is None
         else overrides["learning_rate"],
     }
+    kept = work / "bundle" / "models" / "model.pt"
+    last = scripts.handlers.checkpoint.latest_checkpoint(str(kept.parent))
+    if (
+        last is not None and plans["validation"]["value"]["holdout_slices"]
+    ):  # model.pt: the best by validation
+        best = kept.with_name("model_best.pt")
+        kept.replace(best)
+        try:
+            torch.save(torch.load(last, map_location="cpu", weights_only=True)["network"], kept)
+            api.predict(work, thick_path, out, overwrite=True, quiet=True)
+            row["last_weights"] = score(out, reference, factor) | {"checkpoint": Path(last).name}
+        finally:
+            best.replace(kept)
+    return row
 
 
 def prior_folders(priors: Path, volume: str, factor: int) -> dict[str, Path]:
@@ -93,7 +111,14 @@ def prior_folders(priors: Path, volume: str, factor: int) -> dict[str, Path]:
 
 
 def run_case(
-    volume: str, factor: int, priors: Path, budgets: list[float], lr_shares: list[float | None], root: Path
+    volume: str,
+    factor: int,
+    priors: Path,
+    budgets: list[float],
+    lr_shares: list[float | None],
+    root: Path,
+    inits: tuple[str, ...] = ("prior", "scratch"),
+    recipe: str | None = None,
 ) -> dict:
     gt, affine = quality.load_ground_truth(quality.VOLUMES[volume])
     folder = root / f"{volume}_x{factor}"
@@ -112,20 +137,32 @@ def run_case(
             rows[name] = score(out, reference, factor) | {"seconds": time.perf_counter() - start}
         finally:
             os.environ.pop(PRIOR_DIR_VARIABLE, None)
+    tag = f" ({recipe})" if recipe else ""
     for budget in budgets:
-        os.environ[PRIOR_DIR_VARIABLE] = str(folders.get("", next(iter(folders.values()))))
-        try:
-            for share in lr_shares:
-                name = f"warm start {budget:g} min" + ("" if share is None else f", lr x{share:g}")
-                rows[name] = train_row(
-                    thick_path, reference, factor, folder / f"warm_{budget:g}_{share}", budget, "prior", share
-                )
-        finally:
-            os.environ.pop(PRIOR_DIR_VARIABLE, None)
-        rows[f"scratch {budget:g} min"] = train_row(
-            thick_path, reference, factor, folder / f"scratch_{budget:g}", budget, "scratch"
-        )
+        if "prior" in inits:
+            os.environ[PRIOR_DIR_VARIABLE] = str(folders.get("", next(iter(folders.values()))))
+            try:
+                for share in lr_shares:
+                    name = f"warm start {budget:g} min{tag}" + ("" if share is None else f", lr x{share:g}")
+                    work = folder / f"warm_{budget:g}_{share}_{recipe}"
+                    row = train_row(thick_path, reference, factor, work, budget, "prior", share, recipe)
+                    add_trained(rows, name, row)
+            finally:
+                os.environ.pop(PRIOR_DIR_VARIABLE, None)
+        if "scratch" in inits:
+            work = folder / f"scratch_{budget:g}_{recipe}"
+            row = train_row(thick_path, reference, factor, work, budget, "scratch", recipe=recipe)
+            add_trained(rows, f"scratch {budget:g} min{tag}", row)
     return rows
+
+
+def add_trained(rows: dict, name: str, row: dict) -> None:
+    """A trained row (the weights kept by validation, what the bundle keeps) and, where validation
+    chose them, the same run's last weights as the row after it."""
+    last = row.pop("last_weights", None)
+    rows[name] = row
+    if last is not None:
+        rows[f"{name}, last weights"] = last
 
 
 def priors_summary(priors: Path) -> str:
@@ -177,6 +214,14 @@ def main() -> None:
         default=None,
         help="warm-start learning rates as shares of the preset's (default: the planner's share)",
     )
+    parser.add_argument(
+        "--inits",
+        nargs="*",
+        choices=("prior", "scratch"),
+        default=["prior", "scratch"],
+        help="the trained rows: warm start from the prior and/or from scratch",
+    )
+    parser.add_argument("--recipe", default=None, help="the trained rows' recipe (default: the planner's)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "RESULTS.md")
     parser.add_argument("--record", type=Path, default=REPO / "docs" / "results_loo.json")
     args = parser.parse_args()
@@ -186,7 +231,14 @@ def main() -> None:
         for volume in args.volumes:
             for factor in args.factors:
                 rows = run_case(
-                    volume, factor, args.priors, args.budgets, args.warm_lr_shares or [None], Path(tmp)
+                    volume,
+                    factor,
+                    args.priors,
+                    args.budgets,
+                    args.warm_lr_shares or [None],
+                    Path(tmp),
+                    tuple(args.inits),
+                    args.recipe,
                 )
                 results.setdefault(volume, {})[factor] = rows
                 print(

@@ -733,12 +733,16 @@ WARM_START_LR_SHARE = 1.0
 DEFAULT_INIT_EVIDENCE = "docs/RESULTS.md, 'Warm start or scratch'"
 
 
+# the names of ICMDNet's view networks in the paper
+VIEW_NETWORKS = {"axial": "G_a", "coronal": "G_c", "sagittal": "G_s"}
+
+
 def decide_init(factor: int, recipe: str, method: dict, options: PlanOptions) -> tuple[Prior | None, str]:
     """Start training from the shipped prior (warm start, ``--init prior``) or from scratch (the default).
 
-    The prior is taken where it fits the plan: one is shipped for the factor, the recipe is the
-    prior's, no other preset was asked for and the method does not change the network's
-    structure; a misfit is an error.
+    The prior is taken where it fits the plan: one is shipped for the factor, no other preset was
+    asked for and the method's network holds the prior's view networks whole (``ICMDNet.load_prior``:
+    the ICMD recipe's G_a, which no prior holds, starts from scratch); a misfit is an error.
     """
     if options.init not in (None, *INITS):
         raise PlanningError(f"unknown init {options.init!r}; choose one of {list(INITS)}")
@@ -763,21 +767,21 @@ def decide_init(factor: int, recipe: str, method: dict, options: PlanOptions) ->
         misfit = (
             f"no prior is shipped for x{factor} (shipped: {', '.join(f'x{r}' for r in shipped) or 'none'})"
         )
-    elif recipe != prior.recipe:
-        misfit = f"the prior is the {prior.recipe!r} recipe's network; recipe {recipe!r} trains its own"
     elif options.preset and options.preset != prior.preset:
         misfit = f"--preset {options.preset} differs from the prior's preset {prior.preset!r}"
     else:
         net = build_network(factor, PRESETS[prior.preset], method)
-        missing, unexpected = net.load_state_dict(
-            torch.load(prior.weights, map_location="cpu", weights_only=True), strict=False
-        )
-        if missing or unexpected:
-            misfit = f"the method's network does not match the prior's ({len(missing)} missing, {len(unexpected)} unexpected weights)"
+        try:
+            fresh = net.load_prior(torch.load(prior.weights, map_location="cpu", weights_only=True))
+        except (ValueError, RuntimeError) as err:  # RuntimeError: a tensor of another shape
+            misfit = f"recipe {recipe!r}: {str(err).splitlines()[0]}"
     if misfit:
         raise PlanningError(f"--init prior: {misfit}")
+    fresh_views = [VIEW_NETWORKS.get(name, name) for name in fresh]
     return prior, (
-        f"warm start from the shipped prior {prior.describe()}; given (--init prior). Training fine-tunes it at "
+        f"warm start from the shipped prior {prior.describe()}"
+        + (f" ({' and '.join(fresh_views)} from scratch: the prior holds no such network)" if fresh else "")
+        + "; given (--init prior). Training fine-tunes it at "
         f"{WARM_START_LR_SHARE:.2g} x the preset's learning rate (measured: docs/RESULTS_prior_cpu.md), with the prior's intensity standardisation "
         "(its weights expect it); `icmd_auto predict` without --work uses it untrained (zero-shot)"
     )

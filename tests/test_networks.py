@@ -125,3 +125,22 @@ def test_intensities_beyond_the_window_pass_through_the_linear_base():
         out, at_top = net(bright), net(torch.full_like(bright, 1.0))
     assert (at_top - 1.0).abs().max() > DIFFERENT, "the feature branches add something"
     assert torch.allclose(out - at_top, torch.full_like(out, 4.0), atol=1e-5)
+
+
+def test_a_prior_starts_the_view_networks_it_holds_and_no_others():
+    """A warm start: an in-plane prior (G_c only) loads into the ICMD recipe's network; G_a keeps
+    its initialisation, a separate G_s starts as the prior's G_c; a prior that does not fit is refused."""
+    prior = trained_like(3, views=("c", "s"), fusion="mean_cs").state_dict()
+    torch.manual_seed(1)
+    net = net_mod.ICMDNet(3, axial=TINY_A, planar=TINY_P, share_cs=False)
+    axial_before = {k: v.clone() for k, v in net.axial.state_dict().items()}
+    assert net.load_prior(prior) == ["axial"]
+    for name in ("coronal", "sagittal"):
+        loaded = getattr(net, name).state_dict()
+        assert all(torch.equal(loaded[k], prior[f"coronal.{k}"]) for k in loaded), name
+    assert all(torch.equal(net.axial.state_dict()[k], v) for k, v in axial_before.items())
+    with pytest.raises(ValueError, match="1 weights it lacks"):
+        net.load_prior({**prior, "extra.weight": torch.zeros(1)})
+    partial = {k: v for i, (k, v) in enumerate(prior.items()) if i}  # one tensor of G_c missing
+    with pytest.raises(ValueError, match="the prior holds coronal, sagittal only in part"):
+        net.load_prior(partial)

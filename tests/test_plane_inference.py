@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, perturbed, run_cli, write_dataset
 
-from icmd_auto import api, planner
+from icmd_auto import api, planner, runner
 from icmd_auto.errors import PlanningError
 from icmd_auto.prior import available
 from icmd_auto.synthetic import ct_phantom, save_nifti
@@ -140,6 +140,19 @@ def test_zero_shot_predict_needs_no_work_folder(phantom, tmp_path):
     assert nib.load(str(tmp_path / "x2.nii.gz")).shape[2] == (PHANTOM_SHAPE[2] - 1) * 2 + 1
 
 
+def _initialised_network(bundle):
+    """train.json's network after its ``initialize`` step that loads ``init_weights`` (the warm start)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle), **runner.private_targets(bundle, ["train.json"])})
+    loading = [i for i, e in enumerate(parser["initialize"]) if "init_weights" in e]
+    assert len(loading) == 1
+    parser.get_parsed_content(f"initialize#{loading[0]}")
+    return parser.get_parsed_content("network")
+
+
 def test_plan_says_which_init_and_why(phantom, tmp_path):
     dataset = write_dataset(tmp_path / "dataset.json", [phantom])
     default = api.plan(dataset, tmp_path / "default", factor=3, epochs=1)
@@ -156,8 +169,25 @@ def test_plan_says_which_init_and_why(phantom, tmp_path):
     assert (tmp_path / "warm" / "bundle" / "models" / "prior.pt").is_file()
     scratch = api.plan(dataset, tmp_path / "scratch", factor=3, epochs=1, init="scratch")
     assert scratch["init"]["value"]["mode"] == "scratch" and "given" in scratch["init"]["reason"]
-    with pytest.raises(PlanningError, match="--init prior: the prior is the 'inplane' recipe's network"):
+    with pytest.raises(PlanningError, match="--init prior: --preset tiny differs from the prior's preset"):
         api.plan(dataset, tmp_path / "misfit", factor=3, epochs=1, recipe="icmd", preset="tiny", init="prior")
+    with pytest.raises(PlanningError, match="--init prior: recipe 'icmd': the prior does not fit"):
+        api.plan(
+            dataset,
+            tmp_path / "misfit2",
+            factor=3,
+            epochs=1,
+            recipe="icmd",
+            method={"views": ["a"], "fusion": "a"},
+            init="prior",
+        )
+    paper_warm = api.plan(dataset, tmp_path / "icmd_warm", factor=3, epochs=1, recipe="icmd", init="prior")
+    assert paper_warm["init"]["value"]["mode"] == "prior"
+    assert "G_a from scratch" in paper_warm["init"]["reason"]
+    net = _initialised_network(tmp_path / "icmd_warm" / "bundle")  # what train.json's initialize loads
+    prior = torch.load(available()[3].weights, map_location="cpu", weights_only=True)
+    assert net.axial is not None and net.sagittal is None
+    assert all(torch.equal(v, prior[f"coronal.{k}"]) for k, v in net.coronal.state_dict().items())
     paper = api.plan(dataset, tmp_path / "icmd", factor=3, epochs=1, recipe="icmd", preset="tiny")
     assert paper["init"]["value"]["mode"] == "scratch"
     assert (

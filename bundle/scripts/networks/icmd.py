@@ -113,6 +113,27 @@ class ICMDNet(nn.Module):
         given = {k: v for k, v in icmd.items() if k in names and k not in ("self", "axial", "planar")}
         return cls(axial=architecture.get("axial"), planar=architecture.get("planar"), **given, **kwargs)
 
+    def load_prior(self, state: dict) -> list[str]:
+        """Start from a prior's weights (a warm start): the view networks ``state`` holds load from
+        it, those it lacks keep their initialisation. A prior of the in-plane recipe holds G_c
+        (``coronal.*``), which also starts a separate G_s (the prior's G_c is its G_s); the ICMD
+        recipe's G_a then starts fresh. A tensor of ``state`` that this network lacks, or a view
+        network it holds only part of, is an error. Returns the view networks that start fresh."""
+        state = dict(state)
+        held = {key.split(".")[0] for key in state}
+        if self.sagittal is not None and "coronal" in held and "sagittal" not in held:
+            state.update(
+                {"sagittal" + k[len("coronal") :]: v for k, v in state.items() if k.startswith("coronal.")}
+            )
+            held.add("sagittal")
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        partial = sorted({key.split(".")[0] for key in missing} & held)
+        problems = [f"{len(unexpected)} weights it lacks (e.g. {unexpected[0]})"] if unexpected else []
+        problems += [f"the prior holds {', '.join(partial)} only in part"] if partial else []
+        if problems:
+            raise ValueError(f"the prior does not fit this network: {'; '.join(problems)}")
+        return sorted({key.split(".")[0] for key in missing})
+
     # --- the three views, each (B, 1, X, Y, Z) -> (B, 1, X, Y, r*Z) -------------------------
 
     def axial_view(self, volume: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
