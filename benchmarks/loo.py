@@ -168,11 +168,14 @@ def add_trained(rows: dict, name: str, row: dict) -> None:
 def priors_summary(priors: Path) -> str:
     """What trained the priors, from their cards: device, iterations, data."""
     parts = []
-    for card_path in sorted(priors.glob("loo_*/prior_x*.json")):
+    for folder in sorted(priors.glob("loo_*_x*")):
+        factor = folder.name.split("_x")[-1].split("_")[0]
+        card_path = folder / f"prior_x{factor}.json"
+        if not card_path.is_file():
+            continue
         card = json.loads(card_path.read_text())
         parts.append(
-            f"{card_path.parent.name}: {card['iterations']} iterations on {card['device']}, "
-            f"{len(card['data'])} volumes"
+            f"{folder.name}: {card['iterations']} iterations on {card['device']}, {len(card['data'])} volumes"
         )
     return "; ".join(parts) or str(priors)
 

@@ -249,7 +249,7 @@ def pretrain(
     resume: bool = False,
     init_from: str | None = None,
     reparam: bool = False,
-    keep: str = "best",
+    keep: str = "last",
     leave_out: str | list | None = None,
     skip_bad: bool = False,
     thin: bool = True,
@@ -263,7 +263,7 @@ def pretrain(
     device: str | None = None,
     lr: float | None = None,
 ):
-    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out. --keep best|last: prior_xR.pt holds the weights best by the held-out validation (default) or the last step's (a finished run takes --resume --keep last to write them). --reparam trains the 3x3 convolutions re-parameterised (ECBSR-style branches summed into one kernel) and writes them folded: the preset's network at its speed. --preset: small | medium | paper; --slice_profile: removal | average."""
+    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out. --keep last|best: prior_xR.pt holds the last step's weights (default) or those best by the held-out in-plane validation (a proxy that ranked continued runs wrongly twice; a finished run that kept its best takes --resume --keep last to write the last ones). --reparam trains the 3x3 convolutions re-parameterised (ECBSR-style branches summed into one kernel) and writes them folded: the preset's network at its speed. --preset: small | medium | paper; --slice_profile: removal | average."""
     from .pretrain import PretrainOptions, command_line
     from .pretrain import pretrain as run_pretrain
 
@@ -377,7 +377,7 @@ def _option_help() -> dict[str, dict[str, str]]:
             "series": series,
             "seconds_per_iteration": "with a time budget: seconds per iteration instead of measuring them (the "
             "value an earlier plans.json recorded: the same plan on any machine)",
-            "init": f"where training starts: {_choices(INITS)} (default: scratch)",
+            "init": f"where training starts: {_choices(INITS)} (default: the shipped prior where one fits the plan: its factor, preset and recipe; else scratch)",
             "threads": "torch's CPU threads for training (default: the timing probe's fastest count)",
             "prior": prior,
         },
@@ -431,7 +431,7 @@ def _option_help() -> dict[str, dict[str, str]]:
             "preset": f"the network size: {_choices(PRESETS)} (default: small)",
             "slice_profile": f"{profiles} (default: removal)",
             "device": "cpu | cuda (default: cuda where a GPU is present)",
-            "keep": f"the weights prior_xR.pt holds: {' | '.join(KEEP_CHOICES)} (default: best by the held-out validation)",
+            "keep": f"the weights prior_xR.pt holds: {' | '.join(KEEP_CHOICES)} (default: last, the last step's; best: best by the held-out in-plane validation)",
         },
         "version": {},
         "demo": {

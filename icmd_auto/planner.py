@@ -160,7 +160,7 @@ class PlanOptions:
     # seconds per training iteration for a time budget (a plans.json's recorded value): no timing probe
     seconds_per_iteration: float | None = None
     method: dict = field(default_factory=dict)  # icmd#... overrides written into train.json, over the recipe
-    init: str | None = None  # "prior" | "scratch"; None: scratch (DEFAULT_INIT_EVIDENCE)
+    init: str | None = None  # "prior" | "scratch"; None: the prior where it fits (decide_init)
     threads: int | None = None  # torch CPU threads for training; None: the timing probe's fastest count
     trains: bool = True  # False: the bundle only predicts (zero-shot), so training-only probes are skipped
 
@@ -727,9 +727,10 @@ def decide_inference_precision(cuda: bool) -> tuple[str, str]:
 WARM_START_LR_SHARE = 1.0
 
 
-# Training starts from scratch unless --init prior: warm start from the shipped prior was measured
-# behind scratch (docs/RESULTS.md, "Warm start or scratch"); it becomes the default when a row of
-# that section shows it ahead on the leave-one-out volumes.
+# Training starts from the shipped prior where one fits the plan (warm start): on the leave-one-out
+# volumes (docs/RESULTS.md, "Warm start or scratch") a warm start was ahead of training from scratch
+# at 3 and 10 CPU minutes, x2 and x4, on every volume. Measured for the prior's own recipe only: the
+# paper's recipe starts from scratch unless --init prior asks for it (its G_a has no prior).
 DEFAULT_INIT_EVIDENCE = "docs/RESULTS.md, 'Warm start or scratch'"
 
 
@@ -737,53 +738,61 @@ DEFAULT_INIT_EVIDENCE = "docs/RESULTS.md, 'Warm start or scratch'"
 VIEW_NETWORKS = {"axial": "G_a", "coronal": "G_c", "sagittal": "G_s"}
 
 
-def decide_init(factor: int, recipe: str, method: dict, options: PlanOptions) -> tuple[Prior | None, str]:
-    """Start training from the shipped prior (warm start, ``--init prior``) or from scratch (the default).
+def prior_misfit(prior: Prior | None, factor: int, recipe: str, method: dict, options: PlanOptions):
+    """Why ``prior`` cannot start this plan's network (None where it can), and the view networks
+    that would start fresh (those the prior does not hold: the ICMD recipe's G_a)."""
+    if prior is None:
+        shipped = sorted(available())
+        return (
+            f"no prior is shipped for x{factor} (shipped: {', '.join(f'x{r}' for r in shipped) or 'none'})",
+            [],
+        )
+    if options.preset and options.preset != prior.preset:
+        return f"--preset {options.preset} differs from the prior's preset {prior.preset!r}", []
+    net = build_network(factor, PRESETS[prior.preset], method)
+    try:
+        fresh = net.load_prior(torch.load(prior.weights, map_location="cpu", weights_only=True))
+    except (ValueError, RuntimeError) as err:  # RuntimeError: a tensor of another shape
+        return f"recipe {recipe!r}: {str(err).splitlines()[0]}", []
+    return None, [VIEW_NETWORKS.get(name, name) for name in fresh]
 
-    The prior is taken where it fits the plan: one is shipped for the factor, no other preset was
-    asked for and the method's network holds the prior's view networks whole (``ICMDNet.load_prior``:
-    the ICMD recipe's G_a, which no prior holds, starts from scratch); a misfit is an error.
+
+def decide_init(factor: int, recipe: str, method: dict, options: PlanOptions) -> tuple[Prior | None, str]:
+    """Start training from the shipped prior (a warm start) or from scratch.
+
+    The default: the prior where it fits the plan and was trained for the plan's recipe (the
+    measured case, DEFAULT_INIT_EVIDENCE), else scratch. A prior fits where one is shipped for the
+    factor, no other preset was asked for and the method's network holds the prior's view networks
+    whole (``ICMDNet.load_prior``: the ICMD recipe's G_a, which no prior holds, starts from scratch).
+    ``--init prior`` with a misfit is an error; ``--init scratch`` is always taken.
     """
     if options.init not in (None, *INITS):
         raise PlanningError(f"unknown init {options.init!r}; choose one of {list(INITS)}")
     if options.init == "scratch":
         return None, "given (--init scratch)"
-    if options.init is None:
-        shipped = prior_for(factor)
-        return None, (
-            f"from scratch, the default: in 10 CPU minutes a warm start from the shipped prior ended behind "
-            f"training from scratch on every measured case ({DEFAULT_INIT_EVIDENCE}); "
-            + (
-                f"--init prior starts from {shipped.weights.name} instead"
-                if shipped
-                else f"no prior is shipped for x{factor}"
-            )
-            + "; `icmd_auto predict` without --work uses the prior untrained (zero-shot)"
-        )
     prior = prior_for(factor)
-    shipped = sorted(available())
-    misfit = None
-    if prior is None:
-        misfit = (
-            f"no prior is shipped for x{factor} (shipped: {', '.join(f'x{r}' for r in shipped) or 'none'})"
-        )
-    elif options.preset and options.preset != prior.preset:
-        misfit = f"--preset {options.preset} differs from the prior's preset {prior.preset!r}"
-    else:
-        net = build_network(factor, PRESETS[prior.preset], method)
-        try:
-            fresh = net.load_prior(torch.load(prior.weights, map_location="cpu", weights_only=True))
-        except (ValueError, RuntimeError) as err:  # RuntimeError: a tensor of another shape
-            misfit = f"recipe {recipe!r}: {str(err).splitlines()[0]}"
-    if misfit:
+    misfit, fresh = prior_misfit(prior, factor, recipe, method, options)
+    zero_shot = "; `icmd_auto predict` without --work uses the prior untrained (zero-shot)"
+    if options.init is None:
+        if misfit is None and recipe == prior.recipe:
+            how = "the default: ahead of training from scratch on every leave-one-out volume measured"
+        else:
+            why = misfit or (
+                f"a warm start was measured for the prior's recipe {prior.recipe!r}, not {recipe!r}"
+                f" (--init prior asks for it)"
+            )
+            return None, f"from scratch: {why} ({DEFAULT_INIT_EVIDENCE})" + (zero_shot if prior else "")
+    elif misfit:
         raise PlanningError(f"--init prior: {misfit}")
-    fresh_views = [VIEW_NETWORKS.get(name, name) for name in fresh]
+    else:
+        how = "given (--init prior)"
     return prior, (
         f"warm start from the shipped prior {prior.describe()}"
-        + (f" ({' and '.join(fresh_views)} from scratch: the prior holds no such network)" if fresh else "")
-        + "; given (--init prior). Training fine-tunes it at "
-        f"{WARM_START_LR_SHARE:.2g} x the preset's learning rate (measured: docs/RESULTS_prior_cpu.md), with the prior's intensity standardisation "
-        "(its weights expect it); `icmd_auto predict` without --work uses it untrained (zero-shot)"
+        + (f" ({' and '.join(fresh)} from scratch: the prior holds no such network)" if fresh else "")
+        + f"; {how} ({DEFAULT_INIT_EVIDENCE}). Training fine-tunes it at "
+        f"{WARM_START_LR_SHARE:.2g} x the preset's learning rate (measured: docs/RESULTS_prior_cpu.md), with the "
+        "prior's intensity standardisation (its weights expect it); --init scratch trains from random weights"
+        + zero_shot
     )
 
 

@@ -156,13 +156,19 @@ def _initialised_network(bundle):
 def test_plan_says_which_init_and_why(phantom, tmp_path):
     dataset = write_dataset(tmp_path / "dataset.json", [phantom])
     default = api.plan(dataset, tmp_path / "default", factor=3, epochs=1)
-    assert default["init"]["value"] == {"mode": "scratch", "weights": None}
-    assert (
-        planner.DEFAULT_INIT_EVIDENCE in default["init"]["reason"]
-        and "--init prior" in default["init"]["reason"]
-    )
+    assert default["init"]["value"] == {"mode": "prior", "weights": str(available()[3].weights)}
+    assert "the default" in default["init"]["reason"]
+    assert planner.DEFAULT_INIT_EVIDENCE in default["init"]["reason"]
+    for i, (options, why) in enumerate(
+        (
+            ({"recipe": "icmd"}, "measured for the prior's recipe 'inplane', not 'icmd'"),
+            ({"preset": "tiny"}, "--preset tiny differs from the prior's preset"),
+        )
+    ):
+        other = api.plan(dataset, tmp_path / f"other{i}", **{"factor": 3, "epochs": 1, **options})
+        assert other["init"]["value"]["mode"] == "scratch" and why in other["init"]["reason"], options
     warm = api.plan(dataset, tmp_path / "warm", factor=3, epochs=1, init="prior")
-    assert warm["init"]["value"]["mode"] == "prior" and "warm start" in warm["init"]["reason"]
+    assert warm["init"]["value"]["mode"] == "prior" and "given (--init prior)" in warm["init"]["reason"]
     assert warm["intensity"]["value"] == available()[3].intensity, "the prior's standardisation"
     train = json.loads((tmp_path / "warm" / "bundle" / "configs" / "train.json").read_text())
     assert train["init_weights"].endswith("/models/prior.pt'")

@@ -148,6 +148,16 @@ def test_thin_supervision_crops_never_read_the_validation_slab():
     assert torch.equal(crops[:, 0, :, 1:] - crops[:, 0, :, :-1], torch.ones(512, 16, 15))
     kinds = [kind for _, kind, _ in bank.validation_items()]
     assert kinds == ["inplane", "z", "inplane"]
+    # in-plane crops larger than the slices on either side of the slab (25 and 26): the z crops
+    # shrink to the longest part, a multiple of r (the 112-slice 1.5 mm chest at x4: 48, not 96)
+    wide = pt.PlaneBank(volumes, UNIT, 4, CPU, thin=True, size=40)
+    assert (wide.zsize, wide.thin_volumes) == (24, ["v0"])
+    crops = wide.draw(
+        wide.zplanes, 256, wide.zsize, (0.0, 0.0), torch.Generator().manual_seed(2), flips=False
+    )
+    read = set(np.unique(crops.numpy().round()).astype(int))
+    assert crops.shape == (256, 1, 24, 24) and not read & set(range(start, stop))
+    assert pt.PlaneBank(volumes, UNIT, 8, CPU, thin=True, size=40).zsize == 0, "under 4 thick slices: none"
 
 
 def write_data(folder: Path, shapes=((48, 44, 14), (40, 40, 12)), spacing=(1.0, 1.0, 2.0)) -> Path:
@@ -373,7 +383,7 @@ def test_a_reparameterised_prior_is_written_folded_and_resumes_only_as_such(data
 
 
 def test_keep_last_writes_the_final_weights_and_a_finished_run_can_switch_to_them(data_dir, tmp_path):
-    card = run(data_dir, tmp_path / "p", "--steps", "3", "--lr", "0.5")  # a rate that spoils the weights
+    card = run(data_dir, tmp_path / "p", "--steps", "3", "--lr", "0.5", "--keep", "best")  # spoiling rate
     assert card["validation"]["kept"] == {"weights": "best", "iteration": 0}
     final = torch.load(tmp_path / "p" / "prior_x2.ckpt", weights_only=False)["model"]
     best = torch.load(tmp_path / "p" / "prior_x2.pt", weights_only=True)
@@ -383,7 +393,8 @@ def test_keep_last_writes_the_final_weights_and_a_finished_run_can_switch_to_the
     assert all(torch.equal(kept[k], final[k]) for k in final)
     assert any(not torch.equal(best[k], final[k]) for k in final)
 
-    card = run(data_dir, tmp_path / "q", "--steps", "3", "--keep", "last")
+    card = run(data_dir, tmp_path / "q", "--steps", "3")  # the default: last
+    assert card["validation"]["kept"] == {"weights": "last", "iteration": 3}
     kept = torch.load(tmp_path / "q" / "prior_x2.pt", weights_only=True)
     final = torch.load(tmp_path / "q" / "prior_x2.ckpt", weights_only=False)["model"]
     assert all(torch.equal(kept[k], final[k]) for k in final)
