@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import quality  # noqa: E402
 import speed  # noqa: E402
 
 from icmd_auto import api  # noqa: E402
-from icmd_auto.prior import PRIOR_DIR_VARIABLE  # noqa: E402
+from icmd_auto.prior import directory_in_use  # noqa: E402
 from icmd_auto.template import scripts  # noqa: E402
 
 REPO = quality.REPO
@@ -60,19 +59,6 @@ def parameters(card: dict, factor: int) -> int:
 
     net = build_network(factor, PRESETS[card["preset"]], RECIPES[card["recipe"]])
     return sum(p.numel() for p in net.parameters())
-
-
-def with_prior(folder: Path):
-    """Set the prior folder for this process and its children (as ``predict --prior`` does)."""
-
-    class _Scope:
-        def __enter__(self):
-            os.environ[PRIOR_DIR_VARIABLE] = str(folder)
-
-        def __exit__(self, *exc):
-            os.environ.pop(PRIOR_DIR_VARIABLE, None)
-
-    return _Scope()
 
 
 def main() -> None:
@@ -110,7 +96,7 @@ def main() -> None:
             rows = {k: rows[k] for k in ("linear", "cubic")}
             for name, prior in candidates.items():
                 out = folder / f"{name}.nii.gz"
-                with with_prior(prior):
+                with directory_in_use(prior):
                     start = time.perf_counter()
                     api.predict(None, thick_path, out, overwrite=True, quiet=True, factor=factor)
                 rows[name] = loo.score(out, reference, factor) | {"seconds": time.perf_counter() - start}
@@ -137,7 +123,7 @@ def main() -> None:
             },
         }
         if args.slices:
-            with with_prior(prior):
+            with directory_in_use(prior):
                 measured = speed.measure(args.slices, args.work / name, rooflines, [], zero_shot=True)
             entry["predict"] = measured
             entry["seconds_per_input_slice"] = measured["wall_s"] / args.slices

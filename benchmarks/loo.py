@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import quality  # noqa: E402  (the same volumes, thick inputs and scores as the 
 
 from icmd_auto import api  # noqa: E402
 from icmd_auto.dataset import write_dataset_json  # noqa: E402
-from icmd_auto.prior import PRIOR_DIR_VARIABLE  # noqa: E402
+from icmd_auto.prior import directory_in_use  # noqa: E402
 from icmd_auto.template import scripts  # noqa: E402
 
 REPO = quality.REPO
@@ -80,19 +79,17 @@ def train_row(
         if lr_share is None
         else overrides["learning_rate"],
     }
-    kept = work / "bundle" / "models" / "model.pt"
-    last = scripts.handlers.checkpoint.latest_checkpoint(str(kept.parent))
+    last = scripts.handlers.checkpoint.latest_checkpoint(str(work / "bundle" / "models"))
     if (
         last is not None and plans["validation"]["value"]["holdout_slices"]
     ):  # model.pt: the best by validation
-        best = kept.with_name("model_best.pt")
-        kept.replace(best)
-        try:
-            torch.save(torch.load(last, map_location="cpu", weights_only=True)["network"], kept)
-            api.predict(work, thick_path, out, overwrite=True, quiet=True)
-            row["last_weights"] = score(out, reference, factor) | {"checkpoint": Path(last).name}
-        finally:
-            best.replace(kept)
+        # the run's last checkpoint instead of model.pt: its network, through the bundle's own loader
+        last_weights = {
+            "checkpointloader#load_path": last,
+            "checkpointloader#load_dict": {"network": "@network"},
+        }
+        api.predict(work, thick_path, out, overwrite=True, quiet=True, **last_weights)
+        row["last_weights"] = score(out, reference, factor) | {"checkpoint": Path(last).name}
     return row
 
 
@@ -128,27 +125,21 @@ def run_case(
     rows = {k: rows[k] for k in ("linear", "cubic")}
     folders = prior_folders(priors, volume, factor)
     for preset, prior_folder in folders.items():
-        os.environ[PRIOR_DIR_VARIABLE] = str(prior_folder)
-        try:
+        with directory_in_use(prior_folder):
             start = time.perf_counter()
             out = folder / f"zero_shot_{preset or 'default'}.nii.gz"
             api.predict(None, thick_path, out, overwrite=True, quiet=True, factor=factor)
             name = f"zero-shot ({preset})" if preset else "zero-shot"
             rows[name] = score(out, reference, factor) | {"seconds": time.perf_counter() - start}
-        finally:
-            os.environ.pop(PRIOR_DIR_VARIABLE, None)
     tag = f" ({recipe})" if recipe else ""
     for budget in budgets:
         if "prior" in inits:
-            os.environ[PRIOR_DIR_VARIABLE] = str(folders.get("", next(iter(folders.values()))))
-            try:
+            with directory_in_use(folders.get("", next(iter(folders.values())))):
                 for share in lr_shares:
                     name = f"warm start {budget:g} min{tag}" + ("" if share is None else f", lr x{share:g}")
                     work = folder / f"warm_{budget:g}_{share}_{recipe}"
                     row = train_row(thick_path, reference, factor, work, budget, "prior", share, recipe)
                     add_trained(rows, name, row)
-            finally:
-                os.environ.pop(PRIOR_DIR_VARIABLE, None)
         if "scratch" in inits:
             work = folder / f"scratch_{budget:g}_{recipe}"
             row = train_row(thick_path, reference, factor, work, budget, "scratch", recipe=recipe)

@@ -9,8 +9,10 @@ ways (its ``init`` decision): zero-shot (predict with no plan and no training), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,20 @@ def use_directory(directory: str | Path) -> Path:
         raise ICMDError(f"--prior {directory}: no prior (prior_xR.pt with its card prior_xR.json) in it")
     os.environ[PRIOR_DIR_VARIABLE] = str(directory)
     return directory
+
+
+@contextlib.contextmanager
+def directory_in_use(directory: str | Path) -> Iterator[Path]:
+    """``use_directory`` for a block (a benchmark's leave-one-out prior): the folder in use before
+    comes back after it."""
+    previous = os.environ.get(PRIOR_DIR_VARIABLE)
+    try:
+        yield use_directory(directory)
+    finally:
+        if previous is None:
+            os.environ.pop(PRIOR_DIR_VARIABLE, None)
+        else:
+            os.environ[PRIOR_DIR_VARIABLE] = previous
 
 
 def available(directory: Path | None = None) -> dict[int, Prior]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icmd_auto import cli
+from icmd_auto import cli, prior
 from icmd_auto import pretrain as pt
+from icmd_auto.errors import ICMDError
 from icmd_auto.planner import PRESETS, RECIPES, build_network
 from icmd_auto.synthetic import ct_phantom, save_nifti
 from icmd_auto.template import scripts
@@ -338,6 +340,21 @@ def test_predict_and_plan_take_a_prior_folder_that_pretrain_wrote(
         == 1
     )
     assert "no prior (prior_xR.pt with its card prior_xR.json)" in capsys.readouterr().err
+
+
+def test_a_prior_folder_serves_a_block_and_the_previous_one_comes_back(prior_folder, tmp_path, monkeypatch):
+    """prior.directory_in_use (the benchmarks' leave-one-out priors): --prior for a block only."""
+    monkeypatch.setenv("ICMD_AUTO_PRIORS", str(prior.PRIOR_DIR))
+    with prior.directory_in_use(prior_folder) as used:
+        assert prior.prior_dir() == used == prior_folder.absolute()
+        assert prior.available()[2].weights == prior_folder.absolute() / "prior_x2.pt"
+    assert prior.prior_dir() == prior.PRIOR_DIR
+    monkeypatch.delenv("ICMD_AUTO_PRIORS")
+    with pytest.raises(ICMDError, match="no prior"), prior.directory_in_use(tmp_path):
+        pass
+    with pytest.raises(RuntimeError), prior.directory_in_use(prior_folder):
+        raise RuntimeError("a failing block")
+    assert "ICMD_AUTO_PRIORS" not in os.environ
 
 
 def test_reparameterised_training_keeps_the_function_and_folds_into_the_plain_network():
