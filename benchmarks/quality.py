@@ -116,6 +116,15 @@ def score_all(pred: np.ndarray, reference: np.ndarray, factor: int) -> dict:
     )
 
 
+def checkpoint_weights(checkpoint: str | Path) -> dict:
+    """Overrides of inference.json that predict with a training checkpoint's network (its
+    "network" entry) instead of the weights the bundle kept (models/model.pt)."""
+    return {
+        "checkpointloader#load_path": str(checkpoint),
+        "checkpointloader#load_dict": {"network": "@network"},
+    }
+
+
 def baselines(thick: np.ndarray, reference: np.ndarray, factor: int) -> tuple[dict, dict]:
     rows, speed = {}, {}
     for method in scripts.evaluation.BASELINES:

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quality import VOLUMES, load_ground_truth, make_thick  # noqa: E402
+from quality import VOLUMES, checkpoint_weights, load_ground_truth, make_thick  # noqa: E402
 
 from icmd_auto import api  # noqa: E402
 from icmd_auto.dataset import write_dataset_json  # noqa: E402
@@ -138,18 +138,12 @@ def main() -> None:
     for r in map(json.loads, (logs / "train_metrics.jsonl").read_text().splitlines()):
         iterations[r["epoch"]] = max(iterations.get(r["epoch"], 0), r["iteration"])
 
-    # each checkpoint's network, predicted through a copy of the bundle (its models/model.pt swapped)
-    scoring = root / "scoring"
-    shutil.copytree(work / "bundle", scoring / "bundle", ignore=shutil.ignore_patterns("models", "logs"))
-    (scoring / "bundle" / "models").mkdir()
     rows = []
-    for epoch, path in checkpoints(work / "bundle" / "models"):
+    for epoch, path in checkpoints(work / "bundle" / "models"):  # each checkpoint's network, predicted
         if epoch not in validations:
             continue
-        network = torch.load(path, map_location="cpu", weights_only=True)["network"]
-        torch.save(network, scoring / "bundle" / "models" / "model.pt")
         out = root / f"pred_{epoch}.nii.gz"
-        api.predict(scoring, thick_path, out, overwrite=True, quiet=True)
+        api.predict(work, thick_path, out, overwrite=True, quiet=True, **checkpoint_weights(path))
         pred = np.asanyarray(nib.load(str(out)).dataobj).astype(np.float32)
         out.unlink()
         v = validations[epoch]
