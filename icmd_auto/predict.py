@@ -8,6 +8,7 @@ api.py exposes ``predict``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -24,7 +25,6 @@ import numpy as np
 from . import runner
 from .batch import (
     SCRATCH_PREFIX,
-    WHOLE,
     BatchReport,
     CaseProgress,
     CaseRecord,
@@ -370,36 +370,79 @@ def predict(
     and no training: ``factor`` or the input's spacing (median z / in-plane, rounded) picks it.
     """
     part = Part.of(num_parts, part_id)
-    args = (input, output, overwrite, resume, quiet, output_format, preview, series)
-    source, folder = Path(input).expanduser().absolute(), Path(output).expanduser().absolute()
-    if source.exists() and _batch_cases(source) is not None:
-        _check_batch_output(source, folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with OutputLock(folder, part):  # before a zero-shot plan reads the cases: a refusal comes first
-            if work is None:
-                with tempfile.TemporaryDirectory(prefix="icmd_zero_shot_") as scratch_work:
-                    work = zero_shot_work(
-                        source, Path(scratch_work), factor=factor, series=series, quiet=quiet
-                    )
-                    return _predict(work, *args, part=part, **overrides)
-            return _predict(work, *args, factor=factor, part=part, **overrides)
-    if part.split:
-        raise ICMDError(f"--num_parts {part.count}: {source} is one volume; parts split a batch (a folder)")
-    if work is None:
-        checked = _zero_shot_input(source, series, overrides)
-        pending = [checked] if checked else []
-        with tempfile.TemporaryDirectory(prefix="icmd_zero_shot_") as scratch_work:
+    input, output = Path(input).expanduser().absolute(), Path(output).expanduser().absolute()
+    batch = input.exists() and _batch_cases(input) is not None
+    if part.split and not batch:
+        raise ICMDError(f"--num_parts {part.count}: {input} is one volume; parts split a batch (a folder)")
+    with contextlib.ExitStack() as scope:
+        if batch:
+            _check_batch_output(input, output)
+            output.mkdir(parents=True, exist_ok=True)
+            # before a zero-shot plan reads the cases: a refusal comes first
+            scope.enter_context(OutputLock(output, part))
+        checked = None
+        if work is None:
+            scratch_work = Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="icmd_zero_shot_")))
+            one = None if batch else _zero_shot_input(input, series, overrides)
             work = zero_shot_work(
-                input, Path(scratch_work), factor=factor, series=series, quiet=quiet, checked=checked
+                input,
+                scratch_work,
+                factor=factor,
+                series=series,
+                quiet=quiet,
+                checked=one,
             )
-            del checked  # the job takes the volume out of ``pending``: it goes with the case
-            return _predict(work, *args, checked=pending, **overrides)
-    return _predict(work, *args, factor=factor, **overrides)
+            checked = [one] if one else None
+            del one  # the job takes the volume out of ``checked``: it goes with the case
+            factor = None  # the zero-shot plan took it
+        bundle = runner.bundle_dir(work)
+        if factor is not None and int(factor) != bundle_factor(bundle):
+            raise ICMDError(
+                f"--factor {factor}: the bundle in {work} synthesises x{bundle_factor(bundle)}; "
+                "plan again for another factor, or leave out --work to use the shipped prior"
+            )
+        runner.trained_model(bundle)
+        if output_format not in OUTPUT_FORMATS:
+            raise ICMDError(f"--output_format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+        if overwrite and resume:
+            raise ICMDError(
+                "--resume keeps existing outputs and --overwrite replaces them: pass one of the two"
+            )
+        runner.check_overrides(bundle, ["inference.json"], overrides)
+        if not input.exists():
+            raise ICMDError(f"{input}: file not found")
+        cases = _batch_cases(input)
+        if cases is None:
+            jobs = [_single_job(input, output, output_format, preview)]
+        else:
+            jobs = part.select(_batch_jobs(input, cases, output, output_format, preview))
+        series = _named_series(input, cases, series, overrides)
+        for job in jobs:
+            job.series, job.strict = series, cases is None and bool(series)
+        overrides.update(series_override(bundle, ["inference.json"], series))
+        overrides.setdefault("progress", (not quiet) and os.isatty(2))
+        if cases is None:
+            if resume and output.exists():
+                logger.info(f"skipped {input.name}: {output} exists (--resume)")
+                return output
+            if output.exists() and not overwrite:
+                raise ICMDError(f"{output}: exists; pass --overwrite to replace it")
+            if jobs[0].preview and jobs[0].preview.exists() and not overwrite:
+                raise ICMDError(f"{jobs[0].preview}: exists; pass --overwrite to replace it")
+            predictor = _Predictor(bundle, quiet, output_format, overrides, ".icmd_predict_")
+            try:
+                predictor(jobs[0], checked)
+            finally:
+                predictor.close()
+            return output
+        return _run_batch(
+            bundle, input, output, jobs, part, overwrite, resume, quiet, output_format, overrides
+        )
 
 
 def _zero_shot_input(input: Path, series, overrides: dict) -> CheckedInput | None:
     """One volume for zero-shot ``predict``, read and checked once for the plan and the prediction
-    (as ``_predict`` checks it); None for a missing input (refused where it was)."""
+    (as ``predict`` checks it); None for a missing input (refused where it was)."""
     if not input.exists():
         return None
     named = _named_series(input, None, series, overrides)
@@ -459,64 +502,6 @@ class _Predictor:
             self.session.close()
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def _predict(
-    work: str | Path,
-    input: str | Path,
-    output: str | Path,
-    overwrite: bool = False,
-    resume: bool = False,
-    quiet: bool = False,
-    output_format: str = "nifti",
-    preview: str | bool | None = None,
-    series: str | list[str] | None = None,
-    factor: int | None = None,
-    checked: list[CheckedInput] | None = None,
-    part: Part = WHOLE,
-    **overrides,
-) -> Path | dict:
-    """``predict`` with a work folder; ``checked``: inputs read and checked already (zero-shot)."""
-    bundle = runner.bundle_dir(work)
-    if factor is not None and int(factor) != bundle_factor(bundle):
-        raise ICMDError(
-            f"--factor {factor}: the bundle in {work} synthesises x{bundle_factor(bundle)}; "
-            "plan again for another factor, or leave out --work to use the shipped prior"
-        )
-    runner.trained_model(bundle)
-    if output_format not in OUTPUT_FORMATS:
-        raise ICMDError(f"--output_format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
-    if overwrite and resume:
-        raise ICMDError("--resume keeps existing outputs and --overwrite replaces them: pass one of the two")
-    runner.check_overrides(bundle, ["inference.json"], overrides)
-    input, output = Path(input).expanduser().absolute(), Path(output).expanduser().absolute()
-    if not input.exists():
-        raise ICMDError(f"{input}: file not found")
-    cases = _batch_cases(input)
-    if cases is None:
-        jobs = [_single_job(input, output, output_format, preview)]
-    else:
-        jobs = part.select(_batch_jobs(input, cases, output, output_format, preview))
-    series = _named_series(input, cases, series, overrides)
-    for job in jobs:
-        job.series, job.strict = series, cases is None and bool(series)
-    overrides.update(series_override(bundle, ["inference.json"], series))
-    overrides.setdefault("progress", (not quiet) and os.isatty(2))
-    if cases is None:
-        if resume and output.exists():
-            logger.info(f"skipped {input.name}: {output} exists (--resume)")
-            return output
-        if output.exists() and not overwrite:
-            raise ICMDError(f"{output}: exists; pass --overwrite to replace it")
-        if jobs[0].preview and jobs[0].preview.exists() and not overwrite:
-            raise ICMDError(f"{jobs[0].preview}: exists; pass --overwrite to replace it")
-        predictor = _Predictor(bundle, quiet, output_format, overrides, ".icmd_predict_")
-        try:
-            predictor(jobs[0], checked)
-        finally:
-            predictor.close()
-        return output
-    return _run_batch(bundle, input, output, jobs, part, overwrite, resume, quiet, output_format, overrides)
 
 
 def _run_batch(
