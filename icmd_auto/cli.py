@@ -263,7 +263,7 @@ def pretrain(
     device: str | None = None,
     lr: float | None = None,
 ):
-    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out. --keep last|best: prior_xR.pt holds the last step's weights (default) or those best by the held-out in-plane validation (a proxy that ranked continued runs wrongly twice; a finished run that kept its best takes --resume --keep last to write the last ones). --reparam trains the 3x3 convolutions re-parameterised (ECBSR-style branches summed into one kernel) and writes them folded: the preset's network at its speed. --preset: small | medium | paper; --slice_profile: removal | average."""
+    """Pretrain a CT prior for factor R on an archive of scans (thick or thin; no thin ground truth) into the prior folder OUT (prior_xR.pt, its card prior_xR.json, the resume state prior_xR.ckpt), for `predict --prior OUT` and `plan --init prior --prior OUT`. Data: --dataset archive.json (a dataset.json; an entry may carry "licence" and "attribution") and/or --data_dir DIR (its NIfTI files and DICOM series folders, licences from its sources.json; several as --data_dir a,b). --hours H (default 1) becomes a step schedule from a timed probe (--steps N sets it directly); --stop_after N / --lease_minutes M end this run after N steps / M minutes (a lease); a checkpoint every minute, --resume continues exactly (and starts the run where OUT holds none yet). --lr: Adam's starting rate (default: the preset's), cosine to 1e-5. --init_from PRIOR_DIR continues another prior's weights (e.g. the shipped ones, icmd_auto/priors) on a new schedule. --thin (default on; --nothin off) adds thick-to-thin pairs along z of volumes with z-spacing <= 1.5 mm. A bad volume stops the run with one line per volume; --skip_bad leaves each out, named. --leave_out NAME[,NAME] (file name without .nii.gz) keeps volumes out of training and scores the run on them along their real z-axes (thickened by R), by which the card judges whether more hours, more data or a larger network is next. --keep last|best: prior_xR.pt holds the last step's weights (default) or those best by the held-out in-plane validation (a proxy that ranked continued runs wrongly twice; a finished run that kept its best takes --resume --keep last to write the last ones). --reparam trains the 3x3 convolutions re-parameterised (ECBSR-style branches summed into one kernel) and writes them folded: the preset's network at its speed. --preset: small | medium | paper; --slice_profile: removal | average."""
     from .pretrain import PretrainOptions, command_line
     from .pretrain import pretrain as run_pretrain
 
@@ -296,11 +296,17 @@ def pretrain(
         command=command_line(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else []),
     )
     card = run_pretrain(opts)
-    best = card["validation"]["best"]
+    best, last = card["validation"]["best"], card["validation"]["curve"][-1]
+    left_out = (
+        f", the left-out volumes along z {last['held_out_psnr']:.2f} vs {last['held_out_linear']:.2f} "
+        f"({last['held_out_psnr'] - last['held_out_linear']:+.2f}) at the last step"
+        if "held_out_psnr" in last
+        else ""
+    )
     print(
         f"wrote {Path(out) / f'prior_x{factor}.pt'}: {card['iterations']} of {card['schedule']['total_steps']} steps, "
-        f"{card['cpu_hours']:.2f} CPU-hours; held-out PSNR {best['psnr']:.2f} dB vs linear {best['linear']:.2f} "
-        f"({best['psnr'] - best['linear']:+.2f}); {card['validation']['assessment']}"
+        f"{card['cpu_hours']:.2f} CPU-hours; best validation PSNR {best['psnr']:.2f} dB vs linear {best['linear']:.2f} "
+        f"({best['psnr'] - best['linear']:+.2f}){left_out}; {card['validation']['assessment']}"
     )
 
 

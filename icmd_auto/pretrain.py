@@ -79,13 +79,17 @@ VALIDATION_SHARE = 0.1  # the central tenth of a volume's slices (at least 2r + 
 VALIDATION_SLICES = 2  # held-out axial slices scored per volume (in-plane), spread over its slab
 VALIDATION_PLANES = 2  # held-out coronal and sagittal planes scored per thin volume (along z)
 VALIDATION_CROP = 96  # pixels: the centre crop scored (the validation stays a few % of training)
+# a --leave_out volume scores the run along its real z-axis (thick by slice removal, as the benchmarks
+# make it): coronal and sagittal planes through a centre crop, every slice the thick grid covers
+LEFT_OUT_PLANES = 16  # planes of each view per left-out volume
+LEFT_OUT_CROP = 160  # pixels
 VALIDATION_POINTS = 50  # validations over a schedule (and one before the first step)
 # planes per step by device: 32 on a CPU (0.4-0.6 s a step on 2 cores); 256 on a GPU (a plane's saved
 # activations are ~10 MB in bf16 at patch 96, small preset, x4; docs/PERFORMANCE.md)
 DEFAULT_PLANES = {"cpu": 32, "cuda": 256}
 PROBE_STEPS = (2, 4)  # untimed warm-up and timed steps of the probe that turns --hours into steps
 CHECKPOINT_FORMAT = 3
-FLAT_GAIN_DB = 0.05  # the last third of the curve gained less than this: flat (by the in-plane proxy)
+FLAT_GAIN_DB = 0.05  # the last third of a curve gained less than this: flat
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -168,15 +172,14 @@ def list_images(dataset: Path | None, data_dirs: list[Path]) -> tuple[list[Path]
 
 def load_volumes(
     images: list[Path], records: dict, series: dict, factor: int, skip_bad: bool, leave_out: list[str]
-) -> dict[str, Volume]:
-    """Every image read and checked; all problems at once, one line per volume (as ``plan``), or
-    with ``skip_bad`` each bad one named and left out."""
-    volumes, problems, seen = {}, [], {}
+) -> tuple[dict[str, Volume], dict[str, Volume]]:
+    """Every image read and checked: (the volumes to train on, the ``leave_out`` ones, which only
+    score the run along their real z-axes); all problems at once, one line per volume (as ``plan``),
+    or with ``skip_bad`` each bad one named and left out."""
+    volumes, left_out, problems, seen = {}, {}, [], {}
     needed = 2 * factor + 2  # training slices either side of the validation slab
     for path in images:
         name = volume_name(path)
-        if name in leave_out:
-            continue
         if name in seen:
             problems.append(f"{path}: its name {name!r} is also {seen[name]}'s; rename one")
             continue
@@ -187,11 +190,15 @@ def load_volumes(
                 path, needed, "pretraining", series=(uid,) if uid else (), strict=bool(uid)
             )
         except CaseReadError as e:
-            problems.append(str(e))
+            if name in leave_out:  # it would only have scored the run
+                logger.warning("--leave_out %s: not scored: %s", name, e)
+            else:
+                problems.append(str(e))
             continue
         spacing = tuple(float(s) for s in scripts.io.voxel_spacing(affine))
-        volumes[name] = Volume(array.astype(np.float32), spacing, path.name, records.get(str(path), {}))
-    unknown = set(leave_out) - set(seen) - {volume_name(p) for p in images}
+        volume = Volume(array.astype(np.float32), spacing, path.name, records.get(str(path), {}))
+        (left_out if name in leave_out else volumes)[name] = volume
+    unknown = set(leave_out) - set(seen)
     if unknown:
         problems.append(f"--leave_out {sorted(unknown)}: no such volume")
     if problems and not skip_bad:
@@ -200,7 +207,7 @@ def load_volumes(
         logger.warning("left out: %s", problem)
     if not volumes:
         raise ICMDError("no volume left to pretrain on")
-    return volumes
+    return volumes, left_out
 
 
 def intensity_statistics(volumes: dict[str, Volume]) -> dict:
@@ -402,6 +409,31 @@ class PlaneBank:
         return items
 
 
+def left_out_items(
+    left_out: dict[str, Volume], intensity: dict, factor: int, device: torch.device
+) -> list[tuple[str, str, torch.Tensor]]:
+    """What the left-out volumes score, along their real z-axes: (volume, "left_out", planes), the
+    planes (2 * LEFT_OUT_PLANES, 1, P, n) coronal and sagittal through the centre P x P crop
+    (LEFT_OUT_CROP at most), z last, over the n slices that slice removal by r covers; validation
+    thickens them by r and scores the synthesized positions, as the benchmarks score a zero-shot
+    prediction of the whole volume (there, the coronal/sagittal mean of every plane)."""
+    items = []
+    for name, volume in left_out.items():
+        x, y, z = volume.array.shape
+        n = scripts.degradation.covered(z, factor)
+        if n <= factor:
+            logger.warning("--leave_out %s: %d slices hold no pair at x%d; not scored", name, z, factor)
+            continue
+        p = min(LEFT_OUT_CROP, x, y)
+        a, b = (x - p) // 2, (y - p) // 2
+        v = torch.from_numpy((volume.array - intensity["mean"]) / intensity["std"])
+        picks = np.linspace(0, p - 1, LEFT_OUT_PLANES + 2)[1:-1].round().astype(int)
+        coronal = v[a : a + p, b + picks, :n].permute(1, 0, 2)
+        sagittal = v[a + picks, b : b + p, :n]
+        items.append((name, "left_out", torch.cat([coronal, sagittal])[:, None].contiguous().to(device)))
+    return items
+
+
 # ------------------------------------------------------------------------------------- the objective
 
 
@@ -418,10 +450,13 @@ class LinearViews:
 def validate(net, items, validation, factor: int) -> dict:
     """The held-out slabs' PSNR (dB, the evaluation protocol's HU scale, synthesized positions) of
     the network and of linear interpolation: in-plane pairs made and scored by the bundle's
-    validation (``SelfSupervisedValidation.inplane``) for both views; along z on the thin volumes.
-    Each score is the mean over volumes (and views) of the pooled PSNR of one volume's planes."""
+    validation (``SelfSupervisedValidation.inplane``) for both views ("psnr", "linear"); along z on
+    the thin volumes' slabs ("z_psnr", "z_linear") and on the left-out volumes ("held_out_psnr",
+    "held_out_linear"). Each score is the mean over volumes (and views) of the pooled PSNR of one
+    volume's planes."""
     net.eval()
-    scores: dict[str, list[float]] = {"psnr": [], "linear": [], "z_psnr": [], "z_linear": []}
+    scores: dict[str, list[float]] = {}
+    along_z = {"z": "z_", "left_out": "held_out_"}
     syn_cache: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for _, kind, tensor in items:
@@ -429,15 +464,16 @@ def validate(net, items, validation, factor: int) -> dict:
                 if kind == "inplane":
                     for view in ("c", "s"):
                         pred, target = validation.inplane(model, view, tensor)
-                        scores[key].append(evaluation_psnr(validation, pred, target))
+                        scores.setdefault(key, []).append(evaluation_psnr(validation, pred, target))
                 else:
                     low, target = scripts.degradation.inplane_pair(tensor, factor, validation.slice_profile)
                     pred = model.view_network("c")(low)[..., : target.shape[-1]]
                     length = target.shape[-1]
                     syn = syn_cache.setdefault(length, scripts.degradation.synthesized_mask(length, factor))
-                    scores["z_" + key].append(evaluation_psnr(validation, pred[..., syn], target[..., syn]))
+                    score = evaluation_psnr(validation, pred[..., syn], target[..., syn])
+                    scores.setdefault(along_z[kind] + key, []).append(score)
     net.train()
-    return {k: round(float(np.mean(v)), 4) for k, v in scores.items() if v}
+    return {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
 
 
 def evaluation_psnr(validation, pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -602,7 +638,7 @@ def pretrain(opts: PretrainOptions) -> dict:
         )
 
     images, records, series = list_images(opts.dataset, opts.data_dirs)
-    volumes = load_volumes(images, records, series, factor, opts.skip_bad, opts.leave_out)
+    volumes, left_out = load_volumes(images, records, series, factor, opts.skip_bad, opts.leave_out)
     logger.info(
         "x%d: %d volumes, %d thin (z-spacing <= %g mm)",
         factor,
@@ -691,7 +727,10 @@ def pretrain(opts: PretrainOptions) -> dict:
     small = bank.too_small(opts.patch, opts.scale_range[1])
     if small:
         raise DatasetIntegrityError("pretraining data", small)
-    items = bank.validation_items()
+    items = bank.validation_items() + left_out_items(left_out, intensity, factor, device)
+    scored = [name for name, kind, _ in items if kind == "left_out"]
+    if scored:
+        logger.info("x%d: scored along the real z-axes of the left-out %s", factor, ", ".join(scored))
     validation = scripts.validation.SelfSupervisedValidation(
         factor, "mean_cs", intensity["mean"], intensity["std"], opts.slice_profile
     )
@@ -804,7 +843,7 @@ def pretrain(opts: PretrainOptions) -> dict:
     checkpoint()
     best = card["validation"]["best"]
     logger.info(
-        "x%d: lease %d trained %d steps in %.0f s (%.2f it/s); best held-out PSNR %.3f dB vs linear %.3f (%+.3f) "
+        "x%d: lease %d trained %d steps in %.0f s (%.2f it/s); best validation PSNR %.3f dB vs linear %.3f (%+.3f) "
         "at step %d of %d; %s",
         factor,
         lease["lease"],
@@ -838,6 +877,8 @@ class progress_bar:
 
     def validation(self, point: dict) -> None:
         text = f"val {point['psnr']:.2f} dB (linear {point['linear']:.2f})"
+        if "held_out_psnr" in point:
+            text += f", left out {point['held_out_psnr']:.2f} (linear {point['held_out_linear']:.2f})"
         if self.plain:
             print(
                 f"pretrain {self.name}: step {point['iteration']}/{self.total} {point['seconds']:.0f}s {text}",
@@ -930,20 +971,51 @@ def card_cpu_hours(card: dict | None) -> float:
     return own + card_cpu_hours(card.get("continued_from"))
 
 
+def last_third_gain(curve: list[dict], key: str) -> float | None:
+    """How much the best of the curve's last third beats the best before it (dB), over the points
+    that hold ``key``; None with fewer than 6."""
+    points = [p[key] for p in curve if key in p]
+    if len(points) < 6:
+        return None
+    cut = len(points) * 2 // 3
+    return max(points[cut:]) - max(points[:cut])
+
+
 def assess(curve: list[dict]) -> str:
-    """What the validation curve says: still rising (more hours help) or flat (more data or capacity
-    is the next lever)."""
-    if len(curve) < 6:
-        return "too short to judge"
-    third = curve[len(curve) * 2 // 3 :]
-    gain = max(p["psnr"] for p in third) - max(p["psnr"] for p in curve[: len(curve) * 2 // 3])
-    if gain < FLAT_GAIN_DB:
+    """What the validation curves say: still rising (more hours help) or flat, and then which lever
+    is next. Judged on the left-out volumes' real z-axes where the run has them ("held_out_psnr":
+    scans it never trained on, as a user's); the in-plane score of the training volumes' held-out
+    slabs ("psnr") tells the two flat cases apart: still rising there, the network keeps learning
+    its data and that no longer carries to new scans (more, more varied data is next); flat there
+    too, it holds what it can (a larger network is next)."""
+    held_out = last_third_gain(curve, "held_out_psnr")
+    scored = [p for p in curve if "held_out_psnr" in p]  # both curves over the same points
+    inplane = last_third_gain(scored if held_out is not None else curve, "psnr")
+    if held_out is None:
+        if inplane is None:
+            return "too short to judge"
+        if inplane >= FLAT_GAIN_DB:
+            return (
+                f"still rising: the last third of the curve gained {inplane:+.3f} dB; more hours should help"
+            )
         return (
-            f"flat by the in-plane validation: the last third of the curve gained {gain:+.3f} dB over the best "
+            f"flat by the in-plane validation: the last third of the curve gained {inplane:+.3f} dB over the best "
             "before it; that validation is a proxy (twice it stayed flat while held-out z-axes gained 0.14 to 0.26 "
-            "dB, docs/RESULTS.md): judge by leave-one-out before turning to more data or a larger network"
+            "dB, docs/RESULTS.md): judge by leave-one-out (--leave_out scores it) before turning to more data or a "
+            "larger network"
         )
-    return f"still rising: the last third of the curve gained {gain:+.3f} dB; more hours should help"
+    said = f"on the left-out volumes' real z-axes the last third of the curve gained {held_out:+.3f} dB"
+    if held_out >= FLAT_GAIN_DB:
+        return f"still rising: {said}; more hours should help"
+    if inplane >= FLAT_GAIN_DB:
+        return (
+            f"flat for new scans: {said}, while the training volumes' held-out slices gained {inplane:+.3f}: "
+            "more (and more varied) data is the next lever, not more hours"
+        )
+    return (
+        f"flat: {said}, and the training volumes' held-out slices {inplane:+.3f}: the network holds what it "
+        "can; a larger network is the next lever, not more hours"
+    )
 
 
 def write_card(context: dict, state: dict) -> dict:
@@ -1000,8 +1072,11 @@ def write_card(context: dict, state: dict) -> dict:
         "validation": {
             "what": "a central slab of every volume's slices held out of all training crops; in-plane pairs of "
             f"{VALIDATION_SLICES} of its slices per volume ({VALIDATION_CROP}-pixel centre crop, both views) and, on "
-            "the thin volumes, its coronal/sagittal planes degraded along z; PSNR on the evaluation protocol's HU "
-            "scale, synthesized positions, mean over volumes",
+            "the thin volumes, its coronal/sagittal planes degraded along z (z_psnr); on each --leave_out volume "
+            f"(held_out_psnr), {LEFT_OUT_PLANES} coronal and {LEFT_OUT_PLANES} sagittal planes through its centre "
+            f"crop (at most {LEFT_OUT_CROP} pixels) made thick along the real z-axis by slice removal; PSNR on the "
+            "evaluation protocol's HU scale, synthesized positions, mean over volumes; each *_linear is linear "
+            "interpolation's",
             "best": best,
             "kept": (
                 {"weights": "last", "iteration": state["step"]}

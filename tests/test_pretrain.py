@@ -431,3 +431,53 @@ def test_keep_last_writes_the_final_weights_and_a_finished_run_can_switch_to_the
         )
         == 1
     )
+
+
+def test_a_left_out_volume_scores_the_run_along_its_real_z_axis(tmp_path, capsys):
+    folder = write_data(tmp_path / "ct", shapes=((48, 44, 14), (40, 40, 12), (44, 40, 17)))
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 not really gzip")
+    card = run(folder, tmp_path / "p", "--steps", "2", "--leave_out", "made_2,broken")
+    assert sorted(card["data"]) == ["made_0", "made_1"] and card["left_out"] == ["made_2", "broken"]
+    assert "--leave_out broken: not scored" in capsys.readouterr().err  # a bad one only scores nothing
+    for point in card["validation"]["curve"]:
+        assert point["held_out_psnr"] > 10 and point["held_out_linear"] > 10
+
+    # what it scores: made_2's standardised coronal and sagittal planes through its centre crop, every
+    # slice that removal by r keeps or synthesizes (16 slices at x4: 4 thick, 13 covered)
+    volume = pt.Volume(np.arange(44 * 40 * 16, dtype=np.float32).reshape(44, 40, 16), (1.0, 1.0, 1.0), "v")
+    ((name, kind, planes),) = pt.left_out_items({"v": volume}, {"mean": 5.0, "std": 2.0}, 4, CPU)
+    assert (name, kind) == ("v", "left_out") and planes.shape == (2 * pt.LEFT_OUT_PLANES, 1, 40, 13)
+    standardised = torch.from_numpy((volume.array - 5.0) / 2.0)
+    picks = np.linspace(0, 39, pt.LEFT_OUT_PLANES + 2)[1:-1].round().astype(int)
+    assert torch.equal(planes[0, 0], standardised[2:42, picks[0], :13])  # coronal: the centre 40 of x
+    assert torch.equal(planes[pt.LEFT_OUT_PLANES, 0], standardised[2 + picks[0], :, :13])  # sagittal
+
+
+def curve(psnr: list[float], held_out: list[float] | None = None) -> list[dict]:
+    points = [{"psnr": p} for p in psnr]
+    for point, h in zip(points[len(points) - len(held_out or []) :], held_out or []):
+        point["held_out_psnr"] = h
+    return points
+
+
+@pytest.mark.parametrize(
+    "points, said",
+    [
+        (curve([40.0] * 4), "too short to judge"),
+        (
+            curve([40.0, 40.1, 40.2, 40.3, 40.4, 40.5]),
+            "still rising: the last third of the curve gained +0.200 dB",
+        ),
+        (curve([40.0, 40.1, 40.2, 40.2, 40.2, 40.2]), "flat by the in-plane validation"),
+        # the left-out z-axes decide where the run has them (here over the last six points only)
+        (curve([40.0] * 9, [30.0, 30.1, 30.2, 30.3, 30.4, 30.5]), "still rising: on the left-out volumes"),
+        (
+            curve([40.0, 40.0, 40.0, 40.1, 40.2, 40.3, 40.4, 40.5, 40.6], [30.2] * 6),
+            "flat for new scans: on the left-out volumes' real z-axes the last third of the curve gained +0.000 dB, "
+            "while the training volumes' held-out slices gained +0.200: more (and more varied) data",
+        ),
+        (curve([40.0] * 6, [30.2] * 6), "the network holds what it can; a larger network is the next lever"),
+    ],
+)
+def test_the_card_says_whether_hours_data_or_a_larger_network_is_next(points, said):
+    assert said in pt.assess(points)
