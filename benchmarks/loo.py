@@ -9,12 +9,14 @@ Rows, scored on synthesized slices against V, all in this run:
                      input), for each B of --budgets, at each learning-rate share of --warm_lr_shares;
   scratch B min      ``plan --init scratch`` + ``train`` within B minutes, for each B of --budgets;
   ..., last weights  a trained row's last weights instead of those its validation kept (model.pt);
+  ..., prior + a x (kept - prior)  a warm start's kept weights averaged with the prior's (--averages);
   linear, cubic      interpolation along z.
 
     python benchmarks/loo.py --priors runs/gpu_pretrain                      # zero-shot rows
     python benchmarks/loo.py --priors runs/gpu_pretrain --budgets 3 10       # + warm start and scratch
     python benchmarks/loo.py --priors P --budgets 3 --warm_lr_shares 1 0.33 0.1  # the fine-tuning rate
     python benchmarks/loo.py --priors P --budgets 10 30 --recipe icmd --inits prior  # the paper's recipe, warm
+    python benchmarks/loo.py --priors P --budgets 10 --inits prior --averages 0.75 0.5  # averaged with the prior
 
 Writes the table into docs/RESULTS.md (between markers) and the numbers to docs/results_loo.json.
 """
@@ -36,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (the same volumes, thick inputs and scores as the per-scan benchmark)
 
-from icmd_auto import api  # noqa: E402
+from icmd_auto import api, runner  # noqa: E402
 from icmd_auto.dataset import write_dataset_json  # noqa: E402
 from icmd_auto.prior import directory_in_use  # noqa: E402
 from icmd_auto.template import scripts  # noqa: E402
@@ -59,9 +61,12 @@ def train_row(
     init: str,
     lr_share: float | None = None,
     recipe: str | None = None,
+    averages: tuple[float, ...] = (),
 ) -> dict:
     """plan (``init``, ``recipe``: the planner's when None) -> train within ``budget_min`` -> predict,
-    scored; ``lr_share`` scales the preset's learning rate of a warm start (the planner's share when None)."""
+    scored; ``lr_share`` scales the preset's learning rate of a warm start (the planner's share when None).
+    With ``averages``, a warm start's kept weights are also scored averaged with the prior's, for each
+    a: prior + a (kept - prior) (WiSE-FT's weight interpolation)."""
     dataset = write_dataset_json(work.parent / f"{work.name}.json", training=[str(thick_path)], name="loo")
     recipe_option = {"recipe": recipe} if recipe else {}
     plans = api.plan(dataset, work, factor=factor, time_budget_min=budget_min, init=init, **recipe_option)
@@ -79,17 +84,28 @@ def train_row(
         if lr_share is None
         else overrides["learning_rate"],
     }
-    last = scripts.handlers.checkpoint.latest_checkpoint(str(work / "bundle" / "models"))
+    models = work / "bundle" / "models"
+    last = scripts.handlers.checkpoint.latest_checkpoint(str(models))
+    variants = row["variants"] = {}
     if (
         last is not None and plans["validation"]["value"]["holdout_slices"]
     ):  # model.pt: the best by validation
         # the run's last checkpoint instead of model.pt: its network, through the bundle's own loader
-        last_weights = {
-            "checkpointloader#load_path": last,
-            "checkpointloader#load_dict": {"network": "@network"},
-        }
-        api.predict(work, thick_path, out, overwrite=True, quiet=True, **last_weights)
-        row["last_weights"] = score(out, reference, factor) | {"checkpoint": Path(last).name}
+        api.predict(work, thick_path, out, overwrite=True, quiet=True, **quality.checkpoint_weights(last))
+        variants["last weights"] = score(out, reference, factor) | {"checkpoint": Path(last).name}
+    if averages and init == "prior":
+        net = runner.config_value(work / "bundle", ["inference.json"], "network_def")
+        net.load_prior(torch.load(models / "prior.pt", map_location="cpu", weights_only=True))
+        start = net.state_dict()
+        kept = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+        for a in averages:
+            mixed = {
+                k: start[k] + a * (v - start[k]) if v.is_floating_point() else v for k, v in kept.items()
+            }
+            path = work / f"average_{a:g}.pt"
+            torch.save({"network": mixed}, path)
+            api.predict(work, thick_path, out, overwrite=True, quiet=True, **quality.checkpoint_weights(path))
+            variants[f"prior + {a:g} x (kept - prior)"] = score(out, reference, factor)
     return row
 
 
@@ -116,6 +132,7 @@ def run_case(
     root: Path,
     inits: tuple[str, ...] = ("prior", "scratch"),
     recipe: str | None = None,
+    averages: tuple[float, ...] = (),
 ) -> dict:
     gt, affine = quality.load_ground_truth(quality.VOLUMES[volume])
     folder = root / f"{volume}_x{factor}"
@@ -138,7 +155,9 @@ def run_case(
                 for share in lr_shares:
                     name = f"warm start {budget:g} min{tag}" + ("" if share is None else f", lr x{share:g}")
                     work = folder / f"warm_{budget:g}_{share}_{recipe}"
-                    row = train_row(thick_path, reference, factor, work, budget, "prior", share, recipe)
+                    row = train_row(
+                        thick_path, reference, factor, work, budget, "prior", share, recipe, averages
+                    )
                     add_trained(rows, name, row)
         if "scratch" in inits:
             work = folder / f"scratch_{budget:g}_{recipe}"
@@ -148,12 +167,12 @@ def run_case(
 
 
 def add_trained(rows: dict, name: str, row: dict) -> None:
-    """A trained row (the weights kept by validation, what the bundle keeps) and, where validation
-    chose them, the same run's last weights as the row after it."""
-    last = row.pop("last_weights", None)
+    """A trained row (the weights kept by validation, what the bundle keeps) and the same run's other
+    weights as the rows after it: its last weights (where validation chose), averages with the prior."""
+    variants = row.pop("variants")
     rows[name] = row
-    if last is not None:
-        rows[f"{name}, last weights"] = last
+    for what, scores in variants.items():
+        rows[f"{name}, {what}"] = scores
 
 
 def priors_summary(priors: Path) -> str:
@@ -216,6 +235,13 @@ def main() -> None:
         help="the trained rows: warm start from the prior and/or from scratch",
     )
     parser.add_argument("--recipe", default=None, help="the trained rows' recipe (default: the planner's)")
+    parser.add_argument(
+        "--averages",
+        nargs="*",
+        type=float,
+        default=[],
+        help="also score each warm start's kept weights averaged with the prior's: prior + a (kept - prior)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "RESULTS.md")
     parser.add_argument("--record", type=Path, default=REPO / "docs" / "results_loo.json")
     args = parser.parse_args()
@@ -233,6 +259,7 @@ def main() -> None:
                     Path(tmp),
                     tuple(args.inits),
                     args.recipe,
+                    tuple(args.averages),
                 )
                 results.setdefault(volume, {})[factor] = rows
                 print(

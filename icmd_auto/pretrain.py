@@ -15,9 +15,12 @@ many volumes, so that a scan needs no training (zero-shot ``predict``) or only a
 Validation holds out a central slab of every volume's slices (anatomy, not the ends of the scan)
 from all training crops, in-plane and along z; its score is the bundle's validation (pairs made as
 in training, PSNR on the evaluation protocol's HU scale, synthesized positions only) against linear
-interpolation, and along z on the thin volumes. The weights written are the last step's (``--keep
-last``, the default) or the best by the in-plane score (``--keep best``): twice that score stayed flat
-while the z-axes of held-out volumes improved (docs/RESULTS.md).
+interpolation, and along z on the thin volumes. Volumes named by ``--leave_out`` never train; they
+score the run as a user's scan would be scored, along their real z-axes made thick by slice removal,
+and the card's assessment judges by them (more hours, more data or a larger network next). The
+weights written are the last step's (``--keep last``, the default) or the best by the in-plane
+score (``--keep best``): twice that score stayed flat while the z-axes of held-out volumes improved
+(docs/RESULTS.md).
 
 Runs are built to last hours across sessions and machines:
 
