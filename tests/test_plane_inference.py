@@ -175,6 +175,18 @@ def test_plan_says_which_init_and_why(phantom, tmp_path):
     assert (tmp_path / "warm" / "bundle" / "models" / "prior.pt").is_file()
     scratch = api.plan(dataset, tmp_path / "scratch", factor=3, epochs=1, init="scratch")
     assert scratch["init"]["value"]["mode"] == "scratch" and "given" in scratch["init"]["reason"]
+    # the fine-tuning rate: the preset's at x3, a quarter of it at x4 (measured), scratch the preset's
+    preset_lr = planner.PRESETS[warm["preset"]["value"]].learning_rate
+    assert (
+        warm["training"]["value"]["learning_rate"]
+        == scratch["training"]["value"]["learning_rate"]
+        == preset_lr
+    )
+    x4 = api.plan(dataset, tmp_path / "x4", factor=4, epochs=1)
+    assert (
+        x4["init"]["value"]["mode"] == "prior" and "0.25 x the preset's learning rate" in x4["init"]["reason"]
+    )
+    assert x4["training"]["value"]["learning_rate"] == pytest.approx(0.25 * preset_lr)
     with pytest.raises(PlanningError, match="--init prior: --preset tiny differs from the prior's preset"):
         api.plan(dataset, tmp_path / "misfit", factor=3, epochs=1, recipe="icmd", preset="tiny", init="prior")
     with pytest.raises(PlanningError, match="--init prior: recipe 'icmd': the prior does not fit"):
