@@ -95,7 +95,11 @@ def train_row(
         variants["last weights"] = score(out, reference, factor) | {"checkpoint": Path(last).name}
     if averages and init == "prior":
         net = runner.config_value(work / "bundle", ["inference.json"], "network_def")
-        net.load_prior(torch.load(models / "prior.pt", map_location="cpu", weights_only=True))
+        fresh = net.load_prior(torch.load(models / "prior.pt", map_location="cpu", weights_only=True))
+        if fresh:  # their start was a random draw this process cannot repeat
+            raise SystemExit(
+                f"--averages: the prior holds no {', '.join(fresh)} (recipe {recipe!r}): nothing to average"
+            )
         start = net.state_dict()
         kept = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
         for a in averages:
