@@ -401,15 +401,18 @@ class PlaneBank:
             picks = np.linspace(start, stop - 1, VALIDATION_SLICES + 2)[1:-1].round().astype(int)
             items.append((name, "inplane", v[a : a + p, b : b + p, picks][None, None].clone()))
             if name in self.thin_volumes:
-                js = np.linspace(b, b + p - 1, VALIDATION_PLANES + 2)[1:-1].round().astype(int)
-                coronal = v[a : a + p, js, start:stop].permute(1, 0, 2)
-                sagittal = v[
-                    np.linspace(a, a + p - 1, VALIDATION_PLANES + 2)[1:-1].round().astype(int),
-                    b : b + p,
-                    start:stop,
-                ]
-                items.append((name, "z", torch.cat([coronal, sagittal])[:, None].clone()))
+                planes = crossing_planes(v, a, b, p, VALIDATION_PLANES, slice(start, stop))
+                items.append((name, "z", planes.clone()))
         return items
+
+
+def crossing_planes(v: torch.Tensor, a: int, b: int, p: int, count: int, zs: slice) -> torch.Tensor:
+    """(2 * count, 1, p, len(zs)): ``count`` coronal then ``count`` sagittal planes of ``v`` (X, Y, Z)
+    through its p x p crop at (a, b), evenly spread inside it (its edges left out), z last."""
+    js = np.linspace(b, b + p - 1, count + 2)[1:-1].round().astype(int)
+    coronal = v[a : a + p, js, zs].permute(1, 0, 2)
+    sagittal = v[np.linspace(a, a + p - 1, count + 2)[1:-1].round().astype(int), b : b + p, zs]
+    return torch.cat([coronal, sagittal])[:, None]
 
 
 def left_out_items(
@@ -430,10 +433,8 @@ def left_out_items(
         p = min(LEFT_OUT_CROP, x, y)
         a, b = (x - p) // 2, (y - p) // 2
         v = torch.from_numpy((volume.array - intensity["mean"]) / intensity["std"])
-        picks = np.linspace(0, p - 1, LEFT_OUT_PLANES + 2)[1:-1].round().astype(int)
-        coronal = v[a : a + p, b + picks, :n].permute(1, 0, 2)
-        sagittal = v[a + picks, b : b + p, :n]
-        items.append((name, "left_out", torch.cat([coronal, sagittal])[:, None].contiguous().to(device)))
+        planes = crossing_planes(v, a, b, p, LEFT_OUT_PLANES, slice(0, n))
+        items.append((name, "left_out", planes.contiguous().to(device)))
     return items
 
 
