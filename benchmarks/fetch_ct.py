@@ -373,6 +373,33 @@ SOURCES = SOURCES + (
         shape=(512, 512, 296),
         spacing_mm=(0.9355, 0.9355, 2.5),
     ),
+    Source(
+        name="pancreatic_ct_cbct_seg_cb001_abdomen_3mm",
+        repo="pyvista/vtk-data",
+        # on refs/pull/5/head only (a pull request replaced before it was merged): a plain clone
+        # does not bring it; `git fetch origin refs/pull/5/head` does (the fetch tool's snapshot has it)
+        commit="c43678d0d972d416e06c3ca8b9e42d79bddd1716",
+        path="Data/DICOM_Stack",
+        anatomy="lower chest to pelvis (contrast, breath-hold planning CT), Philips, 3 mm, kernel B",
+        collection="Pancreatic-CT-CBCT-SEG (TCIA), patient Pancreas-CT-CB_001",
+        licence="CC BY 4.0",
+        licence_url=CC_BY_4,
+        attribution=(
+            "Hong J, Reyngold M, Crane C, Cuaron J, Hajj C, Mann J, Zinovoy M, Yorke E, LoCastro E, Apte AP, "
+            "Mageras G. (2021). Breath-hold CT and cone-beam CT images with expert manual organ-at-risk "
+            "segmentations from radiation treatments of locally advanced pancreatic cancer "
+            "(Pancreatic-CT-CBCT-SEG) [Data set]. The Cancer Imaging Archive. doi:10.7937/TCIA.ESHQ-4D90; "
+            "Han X et al., Med Phys 48(6):3084-3095, 2021, doi:10.1002/mp.14906; " + TCIA_CITATION
+        ),
+        via=(
+            "pyvista/vtk-data, pull request 5 (an NBIA Data Retriever download: the collection's LICENSE, "
+            "CC BY 4.0, and Citations beside the series in Data/DICOM_Stack); the files carry TCIA's CTP "
+            "project tag (0013,1010) 'Pancreatic-CT-CBCT-SEG'"
+        ),
+        sha256="e36f018019af53adff9162dbde6941197ec30f8f947caccb9d061bd6b0b2420b",
+        shape=(512, 512, 134),
+        spacing_mm=(1.0742, 1.0742, 3.0),
+    ),
 )
 SPACING_TOLERANCE_MM = 1e-3
 # Below air there is no tissue: what a series holds there is the scanner's fill for pixels outside
