@@ -401,6 +401,99 @@ SOURCES = SOURCES + (
         spacing_mm=(1.0742, 1.0742, 3.0),
     ),
 )
+# One TCIA series each that a student or tutorial committed whole, as the NBIA Data Retriever wrote
+# it (named 1-001.dcm ...) or renumbered; the holding repositories state no data licence: the
+# files name the collection themselves (TCIA's CTP project tag (0013,1010), PatientID, TCIA's UID
+# root, de-identification per PS3.15 Annex E) and the collection's licence is TCIA's (docs/DATA.md).
+TCIA_UPLOAD_VIA = (
+    "{repo} (a whole series committed as downloaded, no data licence of its own); the files carry TCIA's "
+    "CTP project tag (0013,1010) '{tag}', PatientID {patient}, TCIA's UID root 1.3.6.1.4.1.14519.5.2.1 "
+    "and de-identification per PS3.15 Annex E"
+)
+SOURCES = SOURCES + (
+    Source(
+        name="lung_fused_ct_pathology_lungfcp_01_0001_chest_1mm",
+        repo="fuzun45/tahaFuzun-habibOzdemir-bitirmeTezi",
+        commit="1b18ccb6ef26513701286c41f7d6a784479d4b08",
+        path="data",
+        anatomy="chest (non-contrast), Siemens, 2 mm slices every 1 mm, kernel B31f",
+        collection="Lung-Fused-CT-Pathology (TCIA), patient LungFCP-01-0001",
+        licence="CC BY 3.0",
+        licence_url=CC_BY_3,
+        attribution=(
+            "Rusu M, Rajiah P, Gilkeson R, Yang M, Donatelli C, Thawani R, Jacono FJ, Linden P, Madabhushi A. "
+            "Lung-Fused-CT-Pathology [Data set]. The Cancer Imaging Archive. doi:10.7937/K9/TCIA.2018.SMT36LPN; "
+            "Rusu M et al., Eur Radiol 27(10):4209-4217, 2017, doi:10.1007/s00330-017-4813-0; "
+            + TCIA_CITATION
+        ),
+        via=TCIA_UPLOAD_VIA.format(
+            repo="fuzun45/tahaFuzun-habibOzdemir-bitirmeTezi",
+            tag="Lung-Fused-CT-Pathology",
+            patient="LungFCP-01-0001",
+        ),
+        sha256="d48202033076bc17b3f87c25dedec8a6273c0329312ac55994b8c511a6b087ef",
+        shape=(512, 512, 98),
+        spacing_mm=(0.7598, 0.7598, 1.0),
+    ),
+    Source(
+        name="cmb_crc_msb_01068_chest_2.5mm",
+        repo="stepha-mar/Colon",
+        commit="d2bd890396a1779ad10edca87ffd3dc83068b658",
+        path=".",
+        anatomy="chest to upper abdomen (contrast), GE, 2.5 mm, kernel LUNG",
+        collection="CMB-CRC (TCIA), patient CMB-CRC-MSB-01068",
+        licence="CC BY 4.0",
+        licence_url=CC_BY_4,
+        attribution=(
+            "Cancer Moonshot Biobank. (2022). Cancer Moonshot Biobank - Colorectal Cancer Collection (CMB-CRC) "
+            "[Data set]. The Cancer Imaging Archive. doi:10.7937/DJG7-GZ87; " + TCIA_CITATION
+        ),
+        via=TCIA_UPLOAD_VIA.format(repo="stepha-mar/Colon", tag="CMB-CRC", patient="CMB-CRC-MSB-01068"),
+        sha256="19a54bcbcf116e165d72532beb7153a26d66d85ac5c5878ad09d2c2898bfa607",
+        shape=(512, 512, 100),
+        spacing_mm=(0.8984, 0.8984, 2.5),
+    ),
+    Source(
+        name="cptac_pda_c3l_00189_abdomen_5mm",
+        repo="stepha-mar/sasrcoma",
+        commit="0ecd8fe3f1e013165a16d3ae3d1301a1fe732b93",
+        path=".",
+        anatomy="upper abdomen and lung bases (contrast), GE Revolution, 5 mm, kernel LUNG",
+        collection="CPTAC-PDA (TCIA), patient C3L-00189",
+        licence="CC BY 4.0",
+        licence_url=CC_BY_4,
+        attribution=(
+            "National Cancer Institute Clinical Proteomic Tumor Analysis Consortium (CPTAC). (2018). The Clinical "
+            "Proteomic Tumor Analysis Consortium Pancreatic Ductal Adenocarcinoma Collection (CPTAC-PDA) "
+            "(Version 15) [Data set]. The Cancer Imaging Archive. doi:10.7937/K9/TCIA.2018.SC20FO18; "
+            + TCIA_CITATION
+        ),
+        via=TCIA_UPLOAD_VIA.format(repo="stepha-mar/sasrcoma", tag="CPTAC-PDA", patient="C3L-00189"),
+        sha256="66d4003332f755a0c21bf59bd588d1c59503485f98e2f82daaeeb07a7676b905",
+        shape=(512, 512, 35),
+        spacing_mm=(0.8594, 0.8594, 5.0),
+    ),
+    Source(
+        # the whole series of which lidc_idri_0001_chest_2.5mm is a 16-slice subset: a data folder
+        # takes one or the other (fetch_ct.py --sources)
+        name="lidc_idri_0001_chest_2.5mm_whole",
+        repo="profmcdan/dicom-project",
+        commit="588f867046cc97f9149eaa08ebcff56cae227c18",
+        path="data/767",
+        anatomy="chest (LIDC-IDRI-0001, all 133 slices), GE, 2.5 mm",
+        collection="LIDC-IDRI (TCIA), patient LIDC-IDRI-0001",
+        licence="CC BY 3.0",
+        licence_url=CC_BY_3,
+        attribution=LIDC_ATTRIBUTION,
+        via=(
+            "profmcdan/dicom-project (a whole series committed, no data licence of its own); the files carry "
+            "PatientID LIDC-IDRI-0001 and the series UID of the concept-to-clinic subset"
+        ),
+        sha256="f3459f73547619ec82cc21d47218fc0b200c2155cc7548aa5cf827d7d8ab4004",
+        shape=(512, 512, 133),
+        spacing_mm=(0.7031, 0.7031, 2.5),
+    ),
+)
 SPACING_TOLERANCE_MM = 1e-3
 # Below air there is no tissue: what a series holds there is the scanner's fill for pixels outside
 # the reconstructed field of view (LIDC-IDRI: -2048 or -3024 HU, about a fifth of each slice). It is
