@@ -18,7 +18,15 @@ LOCAL_PATH = re.compile(
 )
 CC_LICENCE = re.compile(r"CC BY(?:-[A-Z]{2})*(?: \d\.\d)?")
 # The Cancer Imaging Archive's collections that the priors' data come from, and their licence
-TCIA_LICENCES = {"LIDC-IDRI": "CC BY 3.0", "Pancreas-CT": "CC BY 3.0", "Soft-tissue-Sarcoma": "CC BY 3.0"}
+TCIA_LICENCES = {
+    "LIDC-IDRI": "CC BY 3.0",
+    "Pancreas-CT": "CC BY 3.0",
+    "Soft-tissue-Sarcoma": "CC BY 3.0",
+    "Lung-Fused-CT-Pathology": "CC BY 3.0",
+    "Pancreatic-CT-CBCT-SEG": "CC BY 4.0",
+    "CMB-CRC": "CC BY 4.0",
+    "CPTAC-PDA": "CC BY 4.0",
+}
 
 
 def strings(value, where="card"):
@@ -96,7 +104,8 @@ def test_card_licences_are_its_volumes_licences(card_path):
             assert entry["licence"] == f"CC BY {version.group(1)}", (name, entry["licence"], url)
         described = " ".join(str(entry.get(k, "")) for k in ("collection", "attribution", "via"))
         for collection, licence in TCIA_LICENCES.items():
-            if collection in described:
+            # the collection's name, not a longer name or a patient ID that begins with it (Pancreas-CT-CB_001)
+            if re.search(rf"(?<![\w-]){re.escape(collection)}(?![\w-])", described):
                 assert entry["licence"] == licence, (
                     f"{name}: {collection} (TCIA) is {licence}, not {entry['licence']}"
                 )
