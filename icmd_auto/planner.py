@@ -726,8 +726,9 @@ def decide_inference_precision(cuda: bool) -> tuple[str, str]:
 # a fine-tune's learning rate as a share of the preset's, by factor: x1 measured first (docs/RESULTS_prior_cpu.md,
 # chest x4, 3 CPU minutes, the 0.6-CPU-hour prior of 2026-12-01: x1 +1.36 dB over linear, x0.33 +1.30);
 # with the 1.36-CPU-hour x4 prior x1 fell 0.20 dB below the untrained prior on the abdomen, x0.25 stayed
-# within 0.02 of it and 0.04 below x1 on the chest (docs/RESULTS.md, "The fine-tuning rate at x4"). x2 and
-# the factors not measured keep x1 (at x2 the fine-tune adds 0.44 and 0.61 dB to its prior).
+# within 0.02 of it and 0.04 below x1 on the chest (docs/RESULTS.md, "The fine-tuning rate at x4"). x2 keeps
+# x1 (the fine-tune adds 0.44 and 0.61 dB to its prior); x3 too, measured: 3 CPU minutes on the held-out chest
+# and abdomen, x1 +0.07 dB ahead of x0.25 on both ("The fine-tuning rate at x3"); x5 and x6, not measured, x1.
 WARM_START_LR_SHARES = {4: 0.25}
 WARM_START_LR_SHARE = 1.0
 
